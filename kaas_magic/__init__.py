@@ -1,0 +1,115 @@
+"""kaas-magic: Kernel-as-a-Service for notebooks.
+
+Run a cell, or later a registered kernel, on a pool of warm accelerator workers::
+
+    %load_ext kaas_magic
+    %%kaas gpu --fallback
+    v = xp.asarray(x) * 3
+
+or without IPython::
+
+    import kaas_magic as kaas
+    result = kaas.run("y = xp.sqrt(x)", "cpu", inputs={"x": x})
+    result.outputs["y"], kaas.last_run()
+
+Importing this package is cheap: Dask and every device framework load on first use, and
+the frameworks only on the workers.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .errors import KaasError, KaasUsageError, RemoteError, TargetUnavailable, VariableNotSendable, WorkerLost
+from .targets import TARGETS
+
+if TYPE_CHECKING:
+    from .client import Pool, RunResult
+    from .record import RunRecord
+    from .status import PoolStatus
+
+__version__ = "0.1.0"
+
+_pool: "Pool | None" = None
+_pool_lock = threading.Lock()
+
+
+def start(n_workers: int | None = None, **cluster_kwargs) -> "Pool":
+    """Start (or return) the default pool: an embedded LocalCluster on 127.0.0.1.
+
+    When ``KAAS_SCHEDULER_ADDRESS`` or ``kaas.scheduler-address`` is set, connect there
+    instead.
+    """
+    global _pool
+    from . import config
+    from .client import Pool
+
+    with _pool_lock:
+        if _pool is None:
+            address = config.scheduler_address()
+            _pool = Pool.connect(address) if address else Pool.start(n_workers, **cluster_kwargs)
+        return _pool
+
+
+def connect(address: str, security=None) -> "Pool":
+    """Make a pool on an existing Dask scheduler the default (closing a previous one)."""
+    global _pool
+    from .client import Pool
+
+    with _pool_lock:
+        if _pool is not None:
+            _pool.close()
+            _pool = None
+        _pool = Pool.connect(address, security=security)
+        return _pool
+
+
+def pool() -> "Pool":
+    """The default pool, started on first use."""
+    return _pool if _pool is not None else start()
+
+
+def shutdown() -> None:
+    """Close the default pool (and its embedded cluster, if any)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.close()
+            _pool = None
+
+
+def run(code: str, target: str = "cpu", **options: Any) -> "RunResult":
+    """Run ``code`` on the default pool; see :meth:`kaas_magic.client.Pool.run`."""
+    return pool().run(code, target, **options)
+
+
+def run_cell(code: str, target: str, namespace: dict, **options: Any) -> "RunResult":
+    """Run ``code`` with inputs read from and outputs written to ``namespace``."""
+    return pool().run_cell(code, target, namespace, **options)
+
+
+def last_run() -> "RunRecord | None":
+    """The record of the latest run on the default pool (None before any)."""
+    return _pool.last_run() if _pool is not None else None
+
+
+def status() -> "PoolStatus":
+    return pool().status()
+
+
+def load_ipython_extension(ipython) -> None:
+    from .magics import KaasMagics
+
+    ipython.register_magics(KaasMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    shutdown()
+
+
+__all__ = [
+    "TARGETS", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
+    "KaasError", "KaasUsageError", "RemoteError", "TargetUnavailable", "VariableNotSendable",
+    "WorkerLost",
+]

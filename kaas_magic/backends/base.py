@@ -1,0 +1,118 @@
+"""The one small interface every backend implements.
+
+A backend discovers the devices of the worker's machine (importing its framework only
+there, on the worker), and opens a warm :class:`Session` per device. The worker runs every
+cell through a session: ``namespace()`` gives the injected names, ``activate()`` makes the
+device current for the calling thread, ``synchronize()`` waits for queued device work so
+timings are honest, and ``to_host()`` turns device arrays into NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+from ..targets import Service
+
+
+@dataclass
+class Offer:
+    """A service a backend can provide, and what to tell users about its device."""
+
+    service: Service
+    device: str  # readable description, shown to users
+    detail: dict = field(default_factory=dict)  # extra facts: memory, platform, ...
+
+
+class Session:
+    """A warm context on one device. Subclasses override what their framework needs."""
+
+    injected: ClassVar[tuple[str, ...]] = ("xp", "device")
+
+    def __init__(self, offer: Offer, config: dict):
+        self.offer = offer
+        self.config = config
+
+    @property
+    def device(self) -> str:
+        return self.offer.device
+
+    def warm_up(self) -> None:
+        """Run something tiny so that contexts, JITs and allocators are initialised."""
+
+    def namespace(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        yield
+
+    def synchronize(self, values: list[Any]) -> None:
+        """Block until device work producing ``values`` has finished."""
+
+    def to_host(self, value: Any) -> Any:
+        """Return ``value`` with device arrays replaced by host NumPy arrays."""
+        return value
+
+    def close(self) -> None:
+        pass
+
+
+class Backend:
+    name: ClassVar[str]
+    session_class: ClassVar[type[Session]] = Session
+
+    def __init__(self, config: dict):
+        self.config = config
+        self._warm: dict[Any, Session] = {}
+
+    def discover(self) -> list[Offer]:
+        """Devices this worker can serve through this backend (imports the framework)."""
+        raise NotImplementedError
+
+    def device_key(self, offer: Offer) -> Any:
+        """Offers with the same key share one warm context (e.g. ``cpu`` and the ``fpga``
+        stand-in both use PoCL's CPU device); only their labels differ."""
+        return (offer.service.index, repr(sorted(offer.detail.items())))
+
+    def open(self, offer: Offer) -> Session:
+        key = self.device_key(offer)
+        warm = self._warm.get(key)
+        if warm is not None:
+            session = copy.copy(warm)
+            session.offer = offer
+            return session
+        session = self.session_class(offer, self.config)
+        session.warm_up()
+        self._warm[key] = session
+        return session
+
+
+def cpu_name() -> str:
+    """A readable CPU description, e.g. 'AMD EPYC 7B13 (2 cores)'."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "CPU"
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def map_containers(value: Any, convert) -> Any:
+    """Apply ``convert`` to ``value`` and, one level down, to list/tuple/dict members."""
+    if isinstance(value, list):
+        return [convert(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(convert(v) for v in value)
+    if isinstance(value, dict) and type(value) is dict:
+        return {k: convert(v) for k, v in value.items()}
+    return convert(value)

@@ -1,0 +1,78 @@
+"""CuPy on CUDA GPUs: the ``gpu`` target. Serves nothing on a machine without CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from ..targets import Service
+from .base import Backend, Offer, Session, map_containers
+
+
+class CupySession(Session):
+    injected = ("xp", "device", "cupy")
+
+    @property
+    def index(self) -> int:
+        return self.offer.service.index
+
+    def warm_up(self) -> None:
+        import cupy
+
+        with cupy.cuda.Device(self.index):
+            # Creates the context, the memory pool and loads an elementwise kernel.
+            (cupy.arange(1024, dtype=cupy.float32) * 2).sum().get()
+
+    def namespace(self) -> dict[str, Any]:
+        import cupy
+
+        return {"xp": cupy, "cupy": cupy, "device": self.device}
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        import cupy
+
+        with cupy.cuda.Device(self.index):
+            yield
+
+    def synchronize(self, values: list[Any]) -> None:
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
+    def to_host(self, value: Any) -> Any:
+        import cupy
+
+        def convert(v: Any) -> Any:
+            return cupy.asnumpy(v) if isinstance(v, cupy.ndarray) else v
+
+        return map_containers(value, convert)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    session_class = CupySession
+
+    def discover(self) -> list[Offer]:
+        try:
+            import cupy
+        except ImportError:
+            return []
+        if not cupy.cuda.is_available():
+            return []
+        offers = []
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            memory = int(props["totalGlobalMem"])
+            offers.append(
+                Offer(
+                    Service("gpu", "cupy", "device", i),
+                    f"{name} (CUDA device {i}, {memory / 2**30:.0f} GiB)",
+                    {"memory_total": memory},
+                )
+            )
+        return offers
+
+
+BACKEND = CupyBackend

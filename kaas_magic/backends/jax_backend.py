@@ -1,0 +1,94 @@
+"""JAX through XLA: the ``tpu`` target (a TPU, or with ``jax.accelerators-serve-tpu`` any
+XLA accelerator), JAX on the CPU for ``cpu --backend jax``, and the stand-in for ``tpu``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+from ..targets import Service
+from .base import Backend, Offer, Session, cpu_name, map_containers
+
+
+def _import_jax():
+    # JAX grabs most of a GPU's memory at import unless told not to: fatal on a device
+    # shared by many callers. Must be set before the first import in this process.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    return jax
+
+
+class JaxSession(Session):
+    injected = ("xp", "device", "jax")
+
+    def _jax_device(self):
+        jax = _import_jax()
+        platform = self.offer.detail["platform"]
+        return jax.devices(platform)[self.offer.detail["platform_index"]]
+
+    def warm_up(self) -> None:
+        jax = _import_jax()
+        self._device = self._jax_device()
+        with jax.default_device(self._device):
+            f = jax.jit(lambda a: jax.numpy.tanh(a @ a).sum())
+            f(jax.numpy.ones((8, 8))).block_until_ready()
+
+    def namespace(self) -> dict[str, Any]:
+        jax = _import_jax()
+        return {"xp": jax.numpy, "jax": jax, "device": self.device}
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        jax = _import_jax()
+        with jax.default_device(self._device):
+            yield
+
+    def synchronize(self, values: list[Any]) -> None:
+        jax = _import_jax()
+        jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
+
+    def to_host(self, value: Any) -> Any:
+        jax = _import_jax()
+        import numpy
+
+        def convert(v: Any) -> Any:
+            return numpy.asarray(v) if isinstance(v, jax.Array) else v
+
+        return map_containers(value, convert)
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    session_class = JaxSession
+
+    def discover(self) -> list[Offer]:
+        try:
+            jax = _import_jax()
+        except ImportError:
+            return []
+        offers: list[Offer] = []
+        serve_tpu_with_any = bool(self.config.get("jax", {}).get("accelerators-serve-tpu", True))
+        accelerators = [d for d in jax.devices() if d.platform != "cpu"]
+        for i, d in enumerate(accelerators):
+            detail = {"platform": d.platform, "platform_index": i}
+            name = f"{d.device_kind} (JAX/XLA {d.platform} device {d.id})"
+            if d.platform == "tpu" or serve_tpu_with_any:
+                offers.append(Offer(Service("tpu", "jax", "device", i), name, detail))
+            if d.platform in ("gpu", "cuda", "rocm"):
+                offers.append(Offer(Service("gpu", "jax", "device", i), name, detail))
+        cpu_detail = {"platform": "cpu", "platform_index": 0}
+        cpu = cpu_name()
+        offers.append(Offer(Service("cpu", "jax", "device"), f"{cpu}, JAX on XLA:CPU", cpu_detail))
+        offers.append(
+            Offer(
+                Service("tpu", "jax", "fallback"),
+                f"CPU stand-in for tpu: JAX on XLA:CPU, {cpu}",
+                cpu_detail,
+            )
+        )
+        return offers
+
+
+BACKEND = JaxBackend

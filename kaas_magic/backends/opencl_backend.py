@@ -1,0 +1,113 @@
+"""PyOpenCL: the ``fpga`` target on OpenCL accelerator devices, OpenCL GPUs and CPUs for
+``--backend opencl``, and PoCL's CPU device as the stand-in for ``fpga``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..targets import Service
+from .base import Backend, Offer, Session, map_containers
+
+_WARM_UP_SOURCE = "__kernel void kaas_warm(__global float *a) { a[get_global_id(0)] += 1.0f; }"
+
+
+class OpenCLSession(Session):
+    injected = ("xp", "device", "cl", "cl_array", "ctx", "queue")
+
+    def warm_up(self) -> None:
+        import numpy
+        import pyopencl as cl
+        import pyopencl.array as cl_array
+
+        platform_index, device_index = self.offer.detail["path"]
+        cl_device = cl.get_platforms()[platform_index].get_devices()[device_index]
+        self.context = cl.Context([cl_device])
+        # A command queue per worker thread: cells run concurrently, and one in-order
+        # queue shared by threads would serialise them (and clFinish would wait for all).
+        self._local = threading.local()
+        program = cl.Program(self.context, _WARM_UP_SOURCE).build()
+        buf = cl_array.to_device(self.queue, numpy.zeros(64, dtype=numpy.float32))
+        # PoCL compiles very slowly when the runtime picks the work-group size: pass it.
+        program.kaas_warm(self.queue, (64,), (64,), buf.data)
+        buf.get()
+
+    @property
+    def queue(self):
+        import pyopencl as cl
+
+        queue = getattr(self._local, "queue", None)
+        if queue is None:
+            queue = self._local.queue = cl.CommandQueue(self.context)
+        return queue
+
+    def namespace(self) -> dict[str, Any]:
+        import numpy
+        import pyopencl as cl
+        import pyopencl.array as cl_array
+
+        return {
+            "xp": numpy,
+            "device": self.device,
+            "cl": cl,
+            "cl_array": cl_array,
+            "ctx": self.context,
+            "queue": self.queue,
+        }
+
+    def synchronize(self, values: list[Any]) -> None:
+        self.queue.finish()
+
+    def to_host(self, value: Any) -> Any:
+        import pyopencl.array as cl_array
+
+        def convert(v: Any) -> Any:
+            return v.get(queue=self.queue) if isinstance(v, cl_array.Array) else v
+
+        return map_containers(value, convert)
+
+
+class OpenCLBackend(Backend):
+    name = "opencl"
+    session_class = OpenCLSession
+
+    def discover(self) -> list[Offer]:
+        try:
+            import pyopencl as cl
+        except ImportError:
+            return []
+        try:
+            platforms = cl.get_platforms()
+        except cl.Error:  # no ICD / no platform installed
+            return []
+        fpga_types = {
+            getattr(cl.device_type, t.upper())
+            for t in self.config.get("opencl", {}).get("fpga-device-types", ["ACCELERATOR", "CUSTOM"])
+        }
+        offers: list[Offer] = []
+        counters = {"fpga": 0, "gpu": 0, "cpu": 0}
+        first_cpu: tuple[str, dict] | None = None
+        for p_index, platform in enumerate(platforms):
+            for d_index, dev in enumerate(platform.get_devices()):
+                name = f"{dev.name.strip()} (OpenCL, {platform.name.strip()})"
+                detail = {"path": (p_index, d_index), "memory_total": int(dev.global_mem_size)}
+                if dev.type & sum(fpga_types):
+                    target = "fpga"
+                elif dev.type & cl.device_type.GPU:
+                    target = "gpu"
+                elif dev.type & cl.device_type.CPU:
+                    target = "cpu"
+                    first_cpu = first_cpu or (name, detail)
+                else:
+                    continue
+                offers.append(Offer(Service(target, "opencl", "device", counters[target]), name, detail))
+                counters[target] += 1
+        if first_cpu is not None:
+            name, detail = first_cpu
+            offers.append(
+                Offer(Service("fpga", "opencl", "fallback"), f"CPU stand-in for fpga: {name}", detail)
+            )
+        return offers
+
+
+BACKEND = OpenCLBackend

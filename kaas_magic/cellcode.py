@@ -1,0 +1,89 @@
+"""Reading a cell: which names it needs from the notebook, which it gives back.
+
+Found by parsing the cell (never by shipping the whole namespace):
+- *reads*: every name loaded anywhere in the cell, nested functions included;
+- *writes*: names bound at the cell's top level by assignment, for/with targets, def and
+  class. Names bound by ``import`` stay on the worker: modules do not travel, and the
+  notebook does not need the worker's frameworks.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import symtable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CellInfo:
+    reads: frozenset[str]
+    writes: tuple[str, ...]  # in order of first binding
+
+
+def _bound_names(target: ast.AST) -> list[str]:
+    return [n.id for n in ast.walk(target) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+
+
+def _top_level_writes(body: list[ast.stmt]) -> list[str]:
+    names: list[str] = []
+    for stmt in body:
+        if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for t in targets:
+                names += _bound_names(t)
+        elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+            names += _bound_names(stmt.target)
+            names += _top_level_writes(stmt.body) + _top_level_writes(stmt.orelse)
+        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+            for item in stmt.items:
+                if item.optional_vars is not None:
+                    names += _bound_names(item.optional_vars)
+            names += _top_level_writes(stmt.body)
+        elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(stmt.name)
+        elif isinstance(stmt, (ast.If, ast.While)):
+            names += _top_level_writes(stmt.body) + _top_level_writes(stmt.orelse)
+        elif isinstance(stmt, ast.Try):
+            names += _top_level_writes(stmt.body) + _top_level_writes(stmt.orelse)
+            names += _top_level_writes(stmt.finalbody)
+            for handler in stmt.handlers:
+                names += _top_level_writes(handler.body)
+        elif isinstance(stmt, ast.Expr):
+            # walrus at top level: (y := f(x))
+            names += [n.target.id for n in ast.walk(stmt) if isinstance(n, ast.NamedExpr)]
+    return names
+
+
+def _global_reads(table: symtable.SymbolTable) -> set[str]:
+    """Names read from the cell's global scope, at top level or inside nested scopes.
+
+    A function's parameters and locals (``def f(x): ...``) are not reads of a notebook
+    variable ``x``; symtable knows scoping better than a plain AST walk.
+    """
+    names: set[str] = set()
+    top = table.get_type() == "module"
+    for sym in table.get_symbols():
+        if sym.is_referenced() and (top or sym.is_global() or (sym.is_free() is False and not sym.is_local())):
+            names.add(sym.get_name())
+    for child in table.get_children():
+        names |= _global_reads(child)
+    return names
+
+
+def padded(source: str, line_offset: int) -> str:
+    """Source shifted down so that reported line numbers are the notebook cell's."""
+    return "\n" * line_offset + source
+
+
+@functools.lru_cache(maxsize=512)
+def analyse(source: str, filename: str = "<kaas-cell>", line_offset: int = 0) -> CellInfo:
+    """Parse ``source``; a SyntaxError carries the cell's filename and line number."""
+    tree = ast.parse(padded(source, line_offset), filename=filename, mode="exec")
+    reads = _global_reads(symtable.symtable(padded(source, line_offset), filename, "exec"))
+    # symtable does not count `k += 1` as a reference, but it reads k.
+    reads |= {
+        n.target.id for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name)
+    }
+    writes = tuple(dict.fromkeys(_top_level_writes(tree.body)))
+    return CellInfo(reads=frozenset(reads), writes=writes)

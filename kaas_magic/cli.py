@@ -1,0 +1,82 @@
+"""The ``kaas`` command: ``kaas worker``, ``kaas demo``, ``kaas bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Start Dask worker(s) that serve this machine's devices to a scheduler."""
+    command = [
+        sys.executable, "-m", "distributed.cli.dask_worker", args.scheduler,
+        "--preload", "kaas_magic.preload",
+        "--nworkers", str(args.nworkers),
+        "--nthreads", "1",
+    ]
+    if args.name:
+        command += ["--name", args.name]
+    if args.host:
+        command += ["--host", args.host]
+    for flag in ("tls_ca_file", "tls_cert", "tls_key"):
+        value = getattr(args, flag)
+        if value:
+            command += [f"--{flag.replace('_', '-')}", value]
+    env = dict(os.environ)
+    if args.concurrency:
+        env["DASK_KAAS__POOL__CONCURRENCY"] = str(args.concurrency)
+    if args.fallback is not None:
+        env["DASK_KAAS__FALLBACK"] = str(args.fallback).lower()
+    return subprocess.call(command, env=env)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main
+
+    return main(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main
+
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kaas", description="Kernel-as-a-Service for notebooks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="serve this machine's devices to a Dask scheduler")
+    worker.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.5:8786")
+    worker.add_argument("--nworkers", type=int, default=1, help="worker processes (default 1)")
+    worker.add_argument("--name", help="worker name")
+    worker.add_argument("--host", help="address to listen on (default: Dask's choice)")
+    worker.add_argument("--concurrency", type=int, help="calls one device serves at once")
+    worker.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=None)
+    worker.add_argument("--tls-ca-file")
+    worker.add_argument("--tls-cert")
+    worker.add_argument("--tls-key")
+    worker.set_defaults(func=_worker)
+
+    demo = sub.add_parser("demo", help="start the embedded pool and run every target it serves")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures measured in one run")
+    bench.add_argument("which", choices=["overhead"], help="overhead: per-call cost against Dask, ipyparallel and a Pipe")
+    bench.add_argument("--calls", type=int, default=300, help="calls per measurement")
+    bench.add_argument("--no-ipyparallel", action="store_true", help="skip ipyparallel even if installed")
+    bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

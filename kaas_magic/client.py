@@ -1,0 +1,567 @@
+"""The notebook side: a pool of warm workers, how calls are routed, and the hot path.
+
+``Pool.run`` is the one execution path behind every magic and API call:
+
+1. route: pick a worker that advertises the target (Dask worker resources), preferring a
+   real device, then a simulator, then (only when allowed) a CPU stand-in;
+2. serialise the inputs (refusing, by name, any that cannot travel);
+3. talk to that worker directly over a pooled Dask comm (no scheduler round trip), relay
+   its print output as it arrives, and read the final reply;
+4. rebuild outputs, or the cell's exception with the cell's line numbers, and a RunRecord.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue as queue_module
+import random
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, TextIO
+
+from . import config as kaas_config
+from . import serial
+from .errors import (
+    KaasError,
+    PoolNotRunning,
+    TargetUnavailable,
+    VariableNotSendable,
+    WorkerLost,
+    rebuild_remote_exception,
+)
+from .record import RunRecord, Timings
+from .targets import DEFAULT_BACKEND, READY_RESOURCE, TARGETS, Service, check_backend, check_target
+
+_KIND_ORDER = {"device": 0, "simulator": 1, "fallback": 2}
+
+
+@dataclass
+class WorkerRoute:
+    address: str
+    name: str
+    host: str
+    services: dict[Service, float] = field(default_factory=dict)  # service -> concurrency
+    ready: bool = False
+    in_flight: int = 0  # calls from this client
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, Any]
+    record: RunRecord
+    stdout: str = ""
+    stderr: str = ""
+
+    def __getitem__(self, name: str) -> Any:
+        return self.outputs[name]
+
+
+class Pool:
+    """A client of a Dask cluster whose workers run the kaas runtime."""
+
+    def __init__(self, client, cluster=None):
+        self.client = client
+        self.cluster = cluster
+        self.loop: asyncio.AbstractEventLoop = client.loop.asyncio_loop
+        self._routes: dict[str, WorkerRoute] = {}
+        self._routes_lock = threading.Lock()
+        self._routes_updated = threading.Event()
+        self._last_record: RunRecord | None = None
+        self._counter = itertools.count(1)
+        self._closed = False
+        self._comms = self._sync(self._start_comm_pool())
+        self._register_plugin()
+        self._sync(self._refresh_routes())
+        self._refresher = asyncio.run_coroutine_threadsafe(self._refresh_forever(), self.loop)
+
+    # -- construction --
+
+    @classmethod
+    def start(cls, n_workers: int | None = None, **cluster_kwargs) -> "Pool":
+        """Start an embedded LocalCluster of worker processes, on 127.0.0.1 only."""
+        from distributed import Client, LocalCluster
+
+        n_workers = n_workers or int(kaas_config.get("pool.n-workers", 2))
+        cluster_kwargs.setdefault("threads_per_worker", 1)
+        cluster_kwargs.setdefault("memory_limit", kaas_config.get("pool.memory-limit", "auto"))
+        # Loopback only: whoever reaches the pool can run code on it.
+        cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+        cluster_kwargs.setdefault("worker_dashboard_address", "127.0.0.1:0")
+        cluster = LocalCluster(
+            n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
+        )
+        client = Client(cluster, set_as_default=False)
+        return cls(client, cluster)
+
+    @classmethod
+    def connect(cls, address: str, security=None, timeout: float = 30) -> "Pool":
+        """Use an existing Dask scheduler (any deployment: jobqueue, Kubernetes, Gateway)."""
+        from distributed import Client
+
+        client = Client(address, security=security, timeout=timeout, set_as_default=False)
+        return cls(client)
+
+    def _register_plugin(self) -> None:
+        from .worker import KaasWorkerPlugin
+
+        self.client.register_plugin(KaasWorkerPlugin(kaas_config.snapshot()), name="kaas")
+
+    async def _start_comm_pool(self):
+        from distributed.core import ConnectionPool
+
+        # Our own pool so replies are *not* deserialised by the comm: outputs and
+        # exceptions are rebuilt one by one, and one bad value cannot lose the others.
+        pool = ConnectionPool(deserialize=False, connection_args=self.client.connection_args)
+        await pool.start()
+        return pool
+
+    def _sync(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # -- routing table, refreshed in the background from the scheduler --
+
+    async def _refresh_routes(self) -> None:
+        identity = await self.client.scheduler.identity()
+        routes: dict[str, WorkerRoute] = {}
+        for address, info in identity.get("workers", {}).items():
+            route = WorkerRoute(address, str(info.get("name", address)), info.get("host", ""))
+            for resource, amount in (info.get("resources") or {}).items():
+                service = Service.from_resource(resource)
+                if service is not None:
+                    route.services[service] = amount
+                elif resource == READY_RESOURCE:
+                    route.ready = True
+            old = self._routes.get(address)
+            route.in_flight = old.in_flight if old else 0
+            routes[address] = route
+        with self._routes_lock:
+            self._routes = routes
+        self._routes_updated.set()
+
+    async def _refresh_forever(self) -> None:
+        interval = float(kaas_config.get("pool.routing-refresh", 1.0))
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                await self._refresh_routes()
+            except Exception:  # scheduler briefly unreachable: keep the last table
+                pass
+
+    def refresh(self) -> None:
+        self._sync(self._refresh_routes())
+
+    def routes(self) -> list[WorkerRoute]:
+        with self._routes_lock:
+            return list(self._routes.values())
+
+    def _candidates(self, target: str, backend: str | None, fallback: bool, worker: str | None):
+        found = []
+        for route in self.routes():
+            if worker is not None and worker not in (route.address, route.name):
+                continue
+            for service, concurrency in route.services.items():
+                if service.target != target or (backend and service.backend != backend):
+                    continue
+                if service.kind == "fallback" and not fallback:
+                    continue
+                found.append((route, service, concurrency))
+        return found
+
+    def _choose(self, target: str, backend: str | None, fallback: bool, worker: str | None):
+        found = self._candidates(target, backend, fallback, worker)
+        if not found:
+            return None
+        default = DEFAULT_BACKEND[target]
+
+        def rank(item):
+            route, service, concurrency = item
+            return (
+                _KIND_ORDER[service.kind],
+                service.backend != default,
+                route.in_flight / max(concurrency, 1),
+                random.random(),
+            )
+
+        route, service, _ = min(found, key=rank)
+        return route, service
+
+    def route(self, target: str, backend: str | None = None, fallback: bool | None = None,
+              worker: str | None = None, timeout: float | None = None):
+        """The (worker, service) a call would use; waits while workers are still warming."""
+        check_target(target)
+        check_backend(backend)
+        if fallback is None:
+            fallback = bool(kaas_config.get("fallback", False))
+        timeout = float(kaas_config.get("pool.warmup-timeout", 180)) if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            choice = self._choose(target, backend, fallback, worker)
+            if choice is not None:
+                return choice[0], choice[1], waited
+            routes = self.routes()
+            warming = [r for r in routes if not r.ready]
+            if routes and not warming or time.monotonic() > deadline:
+                raise self._unavailable(target, backend, fallback, worker)
+            waited = True
+            self._routes_updated.clear()
+            self._sync(self._refresh_routes())
+            if not self._choose(target, backend, fallback, worker):
+                time.sleep(0.05)
+
+    def _unavailable(self, target, backend, fallback, worker) -> TargetUnavailable:
+        wanted = target + (f" with backend {backend}" if backend else "")
+        where = f" on worker {worker}" if worker else ""
+        serves = self.served()
+        lines = [f"{s}" for s in serves] or ["nothing (no kaas worker has finished warming up)"]
+        hint = ""
+        if not fallback and any(s.startswith(f"{target} ") and "fallback" in s for s in serves):
+            hint = f"\nAdd --fallback (or fallback=True) to run on the CPU stand-in for {target}."
+        return TargetUnavailable(
+            f"no worker{where} in the pool serves {wanted} ({TARGETS[target]}). "
+            f"The pool serves:\n  " + "\n  ".join(lines) + hint
+        )
+
+    def served(self) -> list[str]:
+        """Human-readable list of what the pool serves, e.g. 'tpu jax fallback'."""
+        seen = set()
+        for route in self.routes():
+            for service in route.services:
+                seen.add((service.target, service.backend, service.kind))
+        order = list(TARGETS)
+        return [
+            f"{t} {b}" + ("" if k == "device" else f" {k}")
+            for t, b, k in sorted(seen, key=lambda s: (order.index(s[0]), _KIND_ORDER[s[2]], s[1]))
+        ]
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Block until every worker has finished warming up all its backends."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            routes = self.routes()
+            if routes and all(r.ready for r in routes):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers still warming up after {timeout} s")
+            time.sleep(0.1)
+
+    # -- the hot path --
+
+    def run(
+        self,
+        code: str,
+        target: str = "cpu",
+        *,
+        inputs: Mapping[str, Any] | None = None,
+        outputs: Iterable[str] | None = None,
+        backend: str | None = None,
+        fallback: bool | None = None,
+        worker: str | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        filename: str | None = None,
+        line_offset: int = 0,
+    ) -> RunResult:
+        """Run ``code`` on a warm worker serving ``target``.
+
+        ``inputs`` are sent to the worker; ``outputs`` (default: the names the code assigns
+        at top level) come back as host values. Print output is written to ``stdout`` /
+        ``stderr`` (default: this process's) as it arrives. An exception in ``code`` is
+        raised here with its original type and the remote traceback.
+        """
+        from .cellcode import analyse
+
+        if self._closed:
+            raise PoolNotRunning("this pool is closed; start or connect a new one")
+        started_wall = time.time()
+        t_start = time.perf_counter()
+        call_id = f"{os.getpid()}-{next(self._counter)}-{uuid.uuid4().hex[:6]}"
+        filename = filename or f"<kaas-cell-{call_id}>"
+        info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
+        outputs_explicit = outputs is not None
+        output_names = list(outputs) if outputs is not None else list(info.writes)
+        inputs = dict(inputs or {})
+
+        route, service, waited = self.route(target, backend, fallback, worker)
+        record = RunRecord(
+            call_id=call_id, target=target, backend=service.backend, kind=service.kind,
+            worker=route.address, host=route.host, inputs=tuple(inputs),
+            started_at=started_wall,
+        )
+        t_routed = time.perf_counter()
+
+        serialized, record.bytes_in = _serialize_inputs(inputs)
+        t_serialized = time.perf_counter()
+
+        message = {
+            "op": "kaas_run",
+            "service": service.resource,
+            "code": code,
+            "filename": filename,
+            "line_offset": line_offset,
+            "inputs": serialized,
+            "outputs": output_names,
+            "outputs_explicit": outputs_explicit,
+        }
+        route.in_flight += 1
+        try:
+            sent_at = time.time()
+            reply, out = self._exchange(route.address, message, stdout or sys.stdout, stderr or sys.stderr)
+        finally:
+            route.in_flight -= 1
+        received_wall = time.time()
+        t_received = time.perf_counter()
+
+        result_outputs, deserialize_time = {}, 0.0
+        if reply.get("ok"):
+            t = time.perf_counter()
+            result_outputs, record.bytes_out, skipped = _deserialize_outputs(reply["outputs"])
+            record.skipped = {**reply.get("skipped", {}), **skipped}
+            deserialize_time = time.perf_counter() - t
+        t_end = time.perf_counter()
+
+        # Where the time went. On one host the wall clocks agree, so the wire time of each
+        # direction is measured; across hosts it is split evenly.
+        w = reply["timings"]
+        worker_span = reply["replied_at"] - reply["received_at"]
+        worker_phases = w["warm_wait"] + w["queue"] + w["setup"] + w["execute"] + w["to_host"]
+        wire = max(0.0, (t_received - t_serialized) - worker_span)
+        if reply.get("host") == _hostname():
+            wire_in = min(wire, max(0.0, reply["received_at"] - sent_at))
+        else:
+            wire_in = wire / 2
+        wire_out = wire - wire_in
+        record.timings = Timings(
+            queue=(t_routed - t_start) + w["queue"] + max(0.0, worker_span - worker_phases),
+            transfer_in=(t_serialized - t_routed) + wire_in,
+            setup=w["setup"] + w["warm_wait"],
+            execute=w["execute"],
+            transfer_out=w["to_host"] + wire_out + deserialize_time,
+            total=t_end - t_start,
+        )
+        record.device = reply.get("device", "")
+        record.cold = waited or w["warm_wait"] > 0.001
+        record.outputs = tuple(result_outputs)
+        record.ok = bool(reply.get("ok"))
+        self._last_record = record
+        if not record.ok:
+            error = reply["error"]
+            record.error = error["type"]
+            raise self._remote_exception(error, record)
+        return RunResult(result_outputs, record, *out)
+
+    def _remote_exception(self, error: dict, record: RunRecord) -> BaseException:
+        exc = error.get("exception")
+        if exc is not None:
+            try:
+                error["exception"] = serial.loads(exc)
+            except Exception:  # its class does not exist here: rebuilt by name
+                error["exception"] = None
+        exception = rebuild_remote_exception(
+            error, worker=record.worker, where=f"{record.target} on {record.label()}"
+        )
+        try:
+            exception.kaas_record = record  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+        return exception
+
+    def _exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO):
+        """Send one call and relay its streamed output; runs in the caller's thread so
+        that printing lands where the caller is (the right notebook cell)."""
+        events: queue_module.SimpleQueue = queue_module.SimpleQueue()
+
+        async def talk():
+            try:
+                comm = await self._comms.connect(address)
+            except Exception as e:
+                events.put(("lost", e))
+                return
+            try:
+                await comm.write(message, on_error="raise")
+                while True:
+                    reply = await comm.read()
+                    if isinstance(reply, dict) and reply.get("kind") == "stream":
+                        events.put(("stream", reply["chunks"]))
+                        continue
+                    break
+            except Exception as e:
+                comm.abort()
+                events.put(("lost", e))
+                return
+            self._comms.reuse(address, comm)
+            events.put(("reply", reply))
+
+        asyncio.run_coroutine_threadsafe(talk(), self.loop)
+        captured = {"stdout": [], "stderr": []}
+        streams = {"stdout": stdout, "stderr": stderr}
+        while True:
+            kind, payload = events.get()
+            if kind == "stream":
+                for name, text in payload:
+                    streams[name].write(text)
+                    captured[name].append(text)
+                for s in streams.values():
+                    s.flush()
+            elif kind == "lost":
+                raise WorkerLost(
+                    f"lost the connection to worker {address} while running the call "
+                    f"({type(payload).__name__}: {payload}); the worker may have died"
+                ) from payload
+            else:
+                break
+        if not isinstance(payload, dict) or "kind" not in payload:
+            # The worker could not even read the message (e.g. an input whose class
+            # cannot be imported there): Dask answers with an error message.
+            text = payload.get("text") if isinstance(payload, dict) else payload
+            raise KaasError(f"worker {address} could not accept the call: {text}")
+        return payload, ("".join(captured["stdout"]), "".join(captured["stderr"]))
+
+    # -- the notebook-facing wrapper --
+
+    def run_cell(
+        self,
+        code: str,
+        target: str,
+        namespace: dict,
+        *,
+        inputs: Iterable[str] | None = None,
+        outputs: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        **options,
+    ) -> RunResult:
+        """Like :meth:`run`, but reads inputs from ``namespace`` and writes outputs back.
+
+        Inputs default to the names the cell reads that ``namespace`` defines, except the
+        names the backend injects (``xp``, ``device`` ...) and those in ``exclude``.
+        """
+        from . import backends
+        from .cellcode import analyse
+
+        filename = options.get("filename") or f"<kaas-cell>"
+        options["filename"] = filename
+        info = analyse(code, filename, options.get("line_offset", 0))
+        if inputs is None:
+            route, service, _ = self.route(
+                target, options.get("backend"), options.get("fallback"), options.get("worker")
+            )
+            skip = set(backends.injected_names(service.backend)) | set(exclude)
+            names = [n for n in sorted(info.reads) if n in namespace and n not in skip]
+        else:
+            names = list(inputs)
+            missing = [n for n in names if n not in namespace]
+            if missing:
+                raise KaasError(f"--in names variables that are not defined: {', '.join(missing)}")
+        result = self.run(code, target, inputs={n: namespace[n] for n in names}, outputs=outputs, **options)
+        namespace.update(result.outputs)
+        return result
+
+    # -- status and lifecycle --
+
+    def last_run(self) -> RunRecord | None:
+        return self._last_record
+
+    def status(self) -> "PoolStatus":
+        from .status import PoolStatus
+
+        self.refresh()
+        infos = []
+        for route in self.routes():
+            try:
+                info = self._sync(self._comms_call(route.address, "kaas_info"), timeout=10)
+            except Exception as e:
+                info = {"address": route.address, "name": route.name, "host": route.host,
+                        "error": f"{type(e).__name__}: {e}", "services": [], "backends": {}}
+            infos.append(info)
+        return PoolStatus(
+            scheduler=self.client.scheduler.address,
+            embedded=self.cluster is not None,
+            workers=sorted(infos, key=lambda i: i.get("name", "")),
+        )
+
+    async def _comms_call(self, address: str, op: str, **kwargs):
+        comm = await self._comms.connect(address)
+        try:
+            await comm.write({"op": op, **kwargs})
+            reply = await comm.read()
+        except Exception:
+            comm.abort()
+            raise
+        self._comms.reuse(address, comm)
+        return reply
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.client.scheduler.address
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._refresher.cancel()
+        try:
+            self._sync(self._comms.close(), timeout=10)
+        except Exception:
+            pass
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "embedded" if self.cluster is not None else "connected"
+        return f"<kaas Pool {kind} {self.scheduler_address} workers={len(self.routes())}>"
+
+
+def _serialize_inputs(inputs: Mapping[str, Any]):
+    limit = int(kaas_config.get("transfer.max-bytes", 2**31))
+    out, total = {}, 0
+    for name, value in inputs.items():
+        try:
+            ser = serial.dumps(value)
+        except Exception as e:
+            reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            raise VariableNotSendable(name, value, reason) from None
+        size = serial.nbytes(ser)
+        if size > limit:
+            raise VariableNotSendable(
+                name, value, f"it is {size:,} bytes, over the transfer limit of {limit:,} bytes "
+                f"(kaas.transfer.max-bytes)"
+            )
+        total += size
+        out[name] = ser
+    return out, total
+
+
+def _deserialize_outputs(outputs: Mapping[str, Any]):
+    values, skipped, total = {}, {}, 0
+    for name, ser in outputs.items():
+        try:
+            total += serial.nbytes(ser)
+            values[name] = serial.loads(ser)
+        except Exception as e:
+            skipped[name] = f"could not be rebuilt in the notebook ({type(e).__name__}: {e})"
+    return values, total, skipped
+
+
+_HOST = None
+
+
+def _hostname() -> str:
+    global _HOST
+    if _HOST is None:
+        import socket
+
+        _HOST = socket.gethostname()
+    return _HOST

@@ -1,0 +1,57 @@
+"""kaas-magic settings, declared in ``kaas.yaml`` and merged into Dask's config system.
+
+Loaded on first use rather than at ``%load_ext`` time, because importing dask costs ~0.3 s.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+_DEFAULTS = Path(__file__).with_name("kaas.yaml")
+
+
+@functools.cache
+def _load_defaults() -> None:
+    import dask.config
+    import yaml
+
+    with open(_DEFAULTS) as f:
+        defaults = yaml.safe_load(f)
+    dask.config.update_defaults(defaults)
+    # update_defaults does not re-read the environment: DASK_KAAS__* variables set
+    # before import must still win over the file.
+    dask.config.refresh()
+
+
+def get(key: str, default: Any = None) -> Any:
+    """Read a setting, e.g. ``get("pool.concurrency")`` reads ``kaas.pool.concurrency``."""
+    import dask.config
+
+    _load_defaults()
+    return dask.config.get(f"kaas.{key}", default=default)
+
+
+def snapshot() -> dict:
+    """The whole ``kaas`` section, as sent to workers so they share the client's settings."""
+    import dask.config
+
+    _load_defaults()
+    return dict(dask.config.get("kaas"))
+
+
+def set(**settings: Any):
+    """``kaas.config.set(fallback=True)``: context manager or global, like dask.config.set.
+
+    Underscores in keyword names stand for dashes (``warmup_timeout`` -> ``warmup-timeout``).
+    """
+    import dask.config
+
+    _load_defaults()
+    return dask.config.set({f"kaas.{k.replace('_', '-')}": v for k, v in settings.items()})
+
+
+def scheduler_address() -> str | None:
+    return os.environ.get("KAAS_SCHEDULER_ADDRESS") or get("scheduler-address")

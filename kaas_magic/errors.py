@@ -1,0 +1,78 @@
+"""Errors kaas-magic raises, and how a worker's exception is rebuilt in the notebook.
+
+Each error names what went wrong (the variable, the target, the worker) and carries a
+``_render_traceback_`` so IPython shows our message instead of kaas-magic's own frames.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+
+class KaasError(Exception):
+    """Base class of errors raised by kaas-magic itself (not by user code)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class KaasUsageError(KaasError, ValueError):
+    """Bad arguments: unknown target, backend or option."""
+
+
+class TargetUnavailable(KaasError, LookupError):
+    """No worker in the pool serves the requested target (and fallback is off)."""
+
+
+class VariableNotSendable(KaasError, TypeError):
+    """A variable the cell needs cannot be sent to a worker."""
+
+    def __init__(self, name: str, value: Any, reason: str):
+        self.name = name
+        self.type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+        super().__init__(
+            f"variable {name!r} of type {self.type_name} cannot be sent to the worker: "
+            f"{reason}. Nothing was run. Pass the data in a sendable form "
+            f"(numpy array, number, str, picklable object) or exclude it with --in."
+        )
+
+
+class WorkerLost(KaasError, ConnectionError):
+    """The worker running a call died or became unreachable."""
+
+
+class PoolNotRunning(KaasError, RuntimeError):
+    """An operation needs a pool and none is started or connected."""
+
+
+class RemoteError(Exception):
+    """A worker-side exception whose own type could not be rebuilt in the notebook."""
+
+
+def rebuild_remote_exception(error: dict, *, worker: str, where: str) -> BaseException:
+    """Turn a worker's error payload into an exception of the original type.
+
+    The original exception instance is used when it unpickled; otherwise a stand-in class
+    with the same name (a RemoteError subclass) so ``ename`` in a notebook still reads right.
+    The remote traceback, with the cell's own line numbers, is attached both as a note (for
+    plain Python) and through ``_render_traceback_`` (for IPython).
+    """
+    exc = error.get("exception")
+    if not isinstance(exc, BaseException):
+        name = error["type"].rsplit(".", 1)[-1]
+        exc = type(name, (RemoteError,), {"__module__": "kaas_magic.remote"})(error["message"])
+    header = f"{error['type']} on worker {worker} ({where})"
+    frames = error.get("frames") or []
+    tb_lines = ["Traceback (most recent call last):\n"]
+    tb_lines += traceback.format_list([tuple(f) for f in frames])
+    message = "".join(error.get("exception_only") or [f"{error['type']}: {error['message']}\n"])
+    rendered = [header, "".join(tb_lines).rstrip("\n"), message.rstrip("\n")]
+    try:
+        exc._render_traceback_ = lambda: rendered  # type: ignore[attr-defined]
+        exc.kaas_worker = worker  # type: ignore[attr-defined]
+        exc.kaas_frames = frames  # type: ignore[attr-defined]
+        exc.add_note(f"(raised on kaas worker {worker}, {where})\n" + "".join(tb_lines).rstrip("\n"))
+    except (AttributeError, TypeError):  # exceptions with __slots__ and no __dict__
+        pass
+    return exc

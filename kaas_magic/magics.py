@@ -1,0 +1,141 @@
+"""IPython magics: a thin skin over :mod:`kaas_magic`'s Python API.
+
+``%%kaas TARGET [options]`` runs the cell on the pool. ``%kaas COMMAND`` manages the pool:
+``start``, ``connect``, ``status``, ``last``, ``stop``. Options are declared once here and
+shared, so every magic spells them the same way.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
+
+from .targets import BACKENDS, TARGETS
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"not a variable name: {', '.join(bad)}")
+    return names
+
+
+def run_options(func):
+    """Options shared by every magic that runs something on the pool."""
+    for decorator in reversed(
+        [
+            argument("--backend", "-b", choices=BACKENDS, help="backend to use instead of the target's default"),
+            argument("--fallback", dest="fallback", action="store_const", const=True, default=None,
+                     help="run on a CPU stand-in when the pool has no device for the target"),
+            argument("--no-fallback", dest="fallback", action="store_const", const=False,
+                     help="never run on a CPU stand-in (overrides kaas.fallback)"),
+            argument("--in", dest="inputs", metavar="NAMES", help="comma-separated names to send (default: the names the cell reads)"),
+            argument("--out", dest="outputs", metavar="NAMES", help="comma-separated names to bring back (default: the names the cell assigns)"),
+            argument("--worker", "-w", metavar="ADDRESS", help="run on this worker (address or name)"),
+            argument("--quiet", "-q", action="store_true", help="show no run summary"),
+        ]
+    ):
+        func = decorator(func)
+    return func
+
+
+@magic_arguments()
+@argument("target", choices=list(TARGETS), help="where to run: " + ", ".join(f"{t} ({d})" for t, d in TARGETS.items()))
+@run_options
+def _cell_parser():
+    """%%kaas TARGET [options]: run the cell on a warm worker serving TARGET."""
+
+
+def _command_parser() -> MagicArgumentParser:
+    parser = MagicArgumentParser(prog="%kaas", description="Manage the kaas pool.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = sub.add_parser("start", help="start the embedded pool (LocalCluster on 127.0.0.1)")
+    start.add_argument("--workers", "-n", type=int, default=None, help="number of worker processes")
+    connect = sub.add_parser("connect", help="use an existing Dask scheduler")
+    connect.add_argument("address", help="scheduler address, e.g. tcp://10.0.0.5:8786")
+    sub.add_parser("status", help="workers, their targets and devices, calls in flight")
+    sub.add_parser("last", help="the record of the latest run")
+    sub.add_parser("stop", help="close the pool (and the embedded cluster)")
+    return parser
+
+
+_COMMANDS = _command_parser()
+
+
+@magics_class
+class KaasMagics(Magics):
+    @line_cell_magic
+    def kaas(self, line: str, cell: str | None = None):
+        """Run a cell on the kaas pool (``%%kaas TARGET``) or manage it (``%kaas COMMAND``).
+
+        Targets: gpu, tpu, fpga, qpu, cpu. Commands: start, connect, status, last, stop.
+        """
+        if cell is None:
+            return self._command(line)
+        return self._run(line, cell)
+
+    # -- %%kaas TARGET --
+
+    def _run(self, line: str, cell: str):
+        import kaas_magic as kaas
+
+        try:
+            args = parse_argstring(_cell_parser, line)
+        except UsageError as e:
+            raise UsageError(f"{e}\n{_cell_parser.parser.format_usage()}") from None
+        if not cell.strip():
+            raise UsageError("%%kaas: the cell is empty; there is nothing to run")
+        shell = self.shell
+        filename = f"<kaas In[{shell.execution_count}]>"
+        result = kaas.run_cell(
+            cell,
+            args.target,
+            shell.user_ns,
+            inputs=_names(args.inputs),
+            outputs=_names(args.outputs),
+            exclude=shell.user_ns_hidden,
+            backend=args.backend,
+            fallback=args.fallback,
+            worker=args.worker,
+            filename=filename,
+            line_offset=1,  # the %%kaas line is line 1 of the notebook cell
+        )
+        for name, reason in result.record.skipped.items():
+            print(f"kaas: {name!r} not returned: {reason}", file=sys.stderr)
+        if not args.quiet:
+            from IPython.display import display
+
+            display(result.record)
+
+    # -- %kaas COMMAND --
+
+    def _command(self, line: str):
+        import kaas_magic as kaas
+
+        if not line.strip():
+            line = "status"
+        args = _COMMANDS.parse_args(shlex.split(line))
+        if args.command == "start":
+            pool = kaas.start(args.workers)
+            print(f"kaas pool at {pool.scheduler_address}; warming up in the background")
+            return None
+        if args.command == "connect":
+            pool = kaas.connect(args.address)
+            print(f"kaas connected to {pool.scheduler_address}")
+            return None
+        if args.command == "status":
+            return kaas.status()
+        if args.command == "last":
+            return kaas.last_run()
+        if args.command == "stop":
+            kaas.shutdown()
+            print("kaas pool closed")
+            return None
+        raise UsageError(_COMMANDS.format_usage())

@@ -1,0 +1,388 @@
+"""The worker side: a Dask worker extension that keeps backends warm and runs cells.
+
+Installed on every worker by :class:`KaasWorkerPlugin` (registered by each client) or by
+``kaas worker``'s preload. It adds two comm handlers to the Dask worker:
+
+``kaas_run``
+    The hot path. The client talks to the worker directly, skipping the scheduler (as
+    Dask actors do). The cell runs in a thread pool; print output streams back as it
+    happens; the final reply carries outputs, timings and any error.
+``kaas_info``
+    What this worker serves, how warm it is and how busy.
+
+Warm-up runs in a background thread when the worker starts: each backend discovers its
+devices, opens and warms a session per device, then advertises its services as Dask worker
+resources (``kaas/<target>/<backend>/<kind>/<index>``), which clients route by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import concurrent.futures
+import faulthandler
+import functools
+import io
+import linecache
+import logging
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import backends, serial
+from .backends.base import Offer, Session
+from .cellcode import padded
+from .targets import READY_RESOURCE
+
+logger = logging.getLogger("kaas_magic.worker")
+
+EXTENSION = "kaas"
+
+
+# --- print output of cells, routed to the call that produced it ---------------------------
+
+_current = threading.local()
+
+
+class _RoutedStream(io.TextIOBase):
+    """Replaces sys.stdout/sys.stderr on the worker: text written by a thread that is
+    running a cell goes to that cell's stream; anything else to the original stream."""
+
+    def __init__(self, original, name: str):
+        self.original = original
+        self.name = name
+
+    def write(self, text: str) -> int:
+        sink = getattr(_current, "sink", None)
+        if sink is None:
+            return self.original.write(text)
+        sink(self.name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if getattr(_current, "sink", None) is None:
+            self.original.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self):  # type: ignore[override]
+        return getattr(self.original, "encoding", "utf-8")
+
+
+def _route_std_streams() -> None:
+    if not isinstance(sys.stdout, _RoutedStream):
+        sys.stdout = _RoutedStream(sys.stdout, "stdout")
+    if not isinstance(sys.stderr, _RoutedStream):
+        sys.stderr = _RoutedStream(sys.stderr, "stderr")
+
+
+class _CallOutput:
+    """Print output of one call, collected in the cell's thread and forwarded by the
+    event loop. One wake-up per burst, not per write."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.event = asyncio.Event()
+        self._chunks: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def write(self, name: str, text: str) -> None:
+        with self._lock:
+            first = not self._chunks
+            self._chunks.append((name, text))
+        if first:
+            self.loop.call_soon_threadsafe(self.event.set)
+
+    def take(self) -> list[tuple[str, str]]:
+        with self._lock:
+            chunks, self._chunks = self._chunks, []
+        return chunks
+
+
+# --- the runtime ----------------------------------------------------------------------
+
+
+class WorkerRuntime:
+    def __init__(self, worker, config: dict):
+        self.worker = worker
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.host = socket.gethostname()
+        self.concurrency = int(config.get("pool", {}).get("concurrency", 4))
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="kaas-call"
+        )
+        self.offers: dict[str, Offer] = {}
+        self.sessions: dict[str, Session] = {}
+        self.backend_state: dict[str, str] = {
+            name: "pending" for name in config.get("backends", ["numpy"])
+        }
+        self._backend_done: dict[str, asyncio.Event] = {
+            name: asyncio.Event() for name in self.backend_state
+        }
+        self.warm_started = time.time()
+        self.warm_finished: float | None = None
+        self.in_flight = 0
+        self.calls = collections.Counter()  # per service resource
+        self.errors = 0
+        self._closing = threading.Event()
+        self._code_cache: collections.OrderedDict = collections.OrderedDict()
+        self._code_lock = threading.Lock()
+        # A crash inside a native kernel should leave a trace in the worker's log.
+        faulthandler.enable(file=sys.__stderr__)
+        _route_std_streams()
+        threading.Thread(target=self._warm_up_all, name="kaas-warm-up", daemon=True).start()
+
+    # -- warm-up, in a background thread --
+
+    def _warm_up_all(self) -> None:
+        for name in list(self.backend_state):
+            self.backend_state[name] = "warming"
+            started = time.perf_counter()
+            try:
+                backend = backends.load(name)(self.config)
+                offers = backend.discover()
+                for offer in offers:
+                    session = backend.open(offer)
+                    resource = offer.service.resource
+                    self.offers[resource] = offer
+                    self.sessions[resource] = session
+                state = f"ready in {time.perf_counter() - started:.1f} s" if offers else "no device"
+            except Exception as e:  # a broken backend must not take the worker down
+                logger.exception("kaas backend %s failed to start", name)
+                state = f"failed: {type(e).__name__}: {e}"
+            self.backend_state[name] = state
+            self._publish()
+            self.loop.call_soon_threadsafe(self._backend_done[name].set)
+        self.warm_finished = time.time()
+        self._publish(ready=True)
+        # Keep this thread alive: some extension modules (qiskit 2's Rust core) segfault
+        # when used after the thread that first imported them has exited.
+        self._closing.wait()
+
+    def _publish(self, ready: bool = False) -> None:
+        resources = {o.service.resource: float(self.concurrency) for o in self.offers.values()}
+        if ready:
+            resources[READY_RESOURCE] = 1.0
+        future = asyncio.run_coroutine_threadsafe(self.worker.set_resources(**resources), self.loop)
+        try:
+            future.result(timeout=30)
+        except Exception:
+            logger.exception("kaas could not advertise resources to the scheduler")
+
+    async def _session_for(self, resource: str) -> tuple[Session, float]:
+        """The warm session for a service, waiting for warm-up if it is still running."""
+        session = self.sessions.get(resource)
+        if session is not None:
+            return session, 0.0
+        backend = resource.split("/")[2]
+        started = time.perf_counter()
+        if backend in self._backend_done:
+            await self._backend_done[backend].wait()
+        session = self.sessions.get(resource)
+        if session is None:
+            served = ", ".join(sorted(self.sessions)) or "nothing yet"
+            raise LookupError(f"worker {self.worker.address} does not serve {resource}; it serves {served}")
+        return session, time.perf_counter() - started
+
+    # -- the hot path --
+
+    async def handle_run(self, comm, **msg) -> dict:
+        received_at = time.time()
+        self.in_flight += 1
+        try:
+            try:
+                session, warm_wait = await self._session_for(msg["service"])
+            except LookupError as e:
+                return {"kind": "result", "ok": False, "error": _error_payload(e, None)}
+            output = _CallOutput(self.loop)
+            job = functools.partial(self._execute, session, msg, output, time.perf_counter())
+            future = self.loop.run_in_executor(self.executor, job)
+            future.add_done_callback(lambda _: output.event.set())
+            while True:
+                await output.event.wait()
+                output.event.clear()
+                done = future.done()  # read before take(): no write can follow completion
+                chunks = output.take()
+                if chunks:
+                    await comm.write({"kind": "stream", "chunks": chunks})
+                if done:
+                    break
+            reply = future.result()
+            reply["timings"]["warm_wait"] = warm_wait
+            reply.update(
+                kind="result",
+                worker=self.worker.address,
+                host=self.host,
+                device=session.device,
+                received_at=received_at,
+                replied_at=time.time(),
+            )
+            self.calls[msg["service"]] += 1
+            if not reply["ok"]:
+                self.errors += 1
+            return reply
+        finally:
+            self.in_flight -= 1
+
+    def _compile(self, source: str, filename: str, line_offset: int):
+        key = (source, filename, line_offset)
+        with self._code_lock:
+            code = self._code_cache.get(key)
+            if code is not None:
+                self._code_cache.move_to_end(key)
+                return code
+        text = padded(source, line_offset)
+        code = compile(text, filename, "exec")
+        # Lets tracebacks on this worker quote the cell's lines.
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+        with self._code_lock:
+            self._code_cache[key] = code
+            if len(self._code_cache) > 512:
+                self._code_cache.popitem(last=False)
+        return code
+
+    def _execute(self, session: Session, msg: dict, output: _CallOutput, enqueued: float) -> dict:
+        """Runs in a kaas-call thread."""
+        t0 = time.perf_counter()
+        timings = {"queue": t0 - enqueued}
+        outputs: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        error = None
+        _current.sink = output.write
+        try:
+            with session.activate():
+                code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
+                namespace = session.namespace()
+                namespace["__name__"] = "__kaas__"
+                namespace["__builtins__"] = builtins
+                namespace.update(msg["inputs"])
+                t1 = time.perf_counter()
+                timings["setup"] = t1 - t0
+                try:
+                    exec(code, namespace)
+                    names = [n for n in msg["outputs"] if n in namespace]
+                    session.synchronize([namespace[n] for n in names])
+                finally:
+                    t2 = time.perf_counter()
+                    timings["execute"] = t2 - t1
+                for name in msg["outputs"]:
+                    if name not in namespace:
+                        if msg.get("outputs_explicit"):
+                            skipped[name] = "the cell did not assign it"
+                        continue
+                    try:
+                        outputs[name] = serial.dumps(session.to_host(namespace[name]))
+                    except Exception as e:
+                        value = namespace[name]
+                        skipped[name] = (
+                            f"{type(value).__module__}.{type(value).__qualname__} cannot leave "
+                            f"the worker ({type(e).__name__})"
+                        )
+                timings["to_host"] = time.perf_counter() - t2
+        except BaseException as e:
+            error = _error_payload(e, msg["filename"])
+            timings.setdefault("setup", time.perf_counter() - t0)
+            timings.setdefault("execute", 0.0)
+            timings.setdefault("to_host", 0.0)
+        finally:
+            _current.sink = None
+            sys.stdout.flush()
+        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "timings": timings}
+
+    # -- introspection --
+
+    def info(self) -> dict:
+        return {
+            "address": self.worker.address,
+            "name": str(self.worker.name),
+            "host": self.host,
+            "pid": os.getpid(),
+            "backends": dict(self.backend_state),
+            "ready": self.warm_finished is not None,
+            "warm_seconds": (self.warm_finished or time.time()) - self.warm_started,
+            "concurrency": self.concurrency,
+            "in_flight": self.in_flight,
+            "errors": self.errors,
+            "services": [
+                {
+                    "resource": resource,
+                    "target": offer.service.target,
+                    "backend": offer.service.backend,
+                    "kind": offer.service.kind,
+                    "device": offer.device,
+                    "calls": self.calls[resource],
+                }
+                for resource, offer in self.offers.items()
+            ],
+        }
+
+    async def handle_info(self) -> dict:
+        return self.info()
+
+
+def _error_payload(exc: BaseException, filename: str | None) -> dict:
+    """What the client needs to rebuild ``exc``: the instance when it survives pickling,
+    its type and message, and the traceback from the cell's first frame on."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    start = next((i for i, f in enumerate(frames) if f.filename == filename), None)
+    frames = frames[start:] if start is not None else frames[-1:]
+    try:
+        exc_copy = exc.with_traceback(None)
+        pickled = pickle.loads(pickle.dumps(exc_copy))  # proves it round-trips
+        exception = serial.dumps(pickled) if type(pickled) is type(exc) else None
+    except Exception:
+        exception = None
+    cls = type(exc)
+    return {
+        "type": cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}",
+        "message": str(exc),
+        "exception_only": traceback.format_exception_only(cls, exc),
+        "frames": [(f.filename, f.lineno, f.name, f.line) for f in frames],
+        "exception": exception,
+    }
+
+
+# --- installation ---------------------------------------------------------------------
+
+
+def install(worker, config: dict | None = None) -> WorkerRuntime:
+    """Install the kaas runtime on a Dask worker (once per worker process)."""
+    runtime = worker.extensions.get(EXTENSION)
+    if runtime is not None:
+        return runtime
+    if config is None:
+        from . import config as kaas_config
+
+        config = kaas_config.snapshot()
+    runtime = WorkerRuntime(worker, config)
+    worker.extensions[EXTENSION] = runtime
+    worker.handlers["kaas_run"] = runtime.handle_run
+    worker.handlers["kaas_info"] = runtime.handle_info
+    return runtime
+
+
+class KaasWorkerPlugin(WorkerPlugin):
+    """Registered by each client; installs the runtime on current and future workers."""
+
+    name = "kaas"
+    idempotent = True
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def setup(self, worker) -> None:
+        install(worker, self.config)
+
+
+__all__ = ["KaasWorkerPlugin", "install", "WorkerRuntime"]
