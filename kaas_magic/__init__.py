@@ -27,7 +27,7 @@ from .targets import TARGETS
 if TYPE_CHECKING:
     from .client import Pool, RunResult
     from .record import RunRecord
-    from .status import PoolStatus
+    from .pool_status import PoolStatus
 
 __version__ = "0.1.0"
 

@@ -71,6 +71,40 @@ def _global_reads(table: symtable.SymbolTable) -> set[str]:
     return names
 
 
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _comprehension_only_names(tree: ast.AST) -> set[str]:
+    """Names bound by a comprehension's ``for`` and never read outside such a scope."""
+    bound: set[str] = set()
+    free_loads: set[str] = set()
+
+    def visit(node: ast.AST, shadowed: frozenset[str]) -> None:
+        if isinstance(node, _COMPREHENSIONS):
+            targets = {
+                n.id for gen in node.generators for n in ast.walk(gen.target) if isinstance(n, ast.Name)
+            }
+            bound.update(targets)
+            # The first iterable is evaluated outside the comprehension's scope.
+            visit(node.generators[0].iter, shadowed)
+            inner = shadowed | targets
+            for index, gen in enumerate(node.generators):
+                if index:
+                    visit(gen.iter, inner)
+                for condition in gen.ifs:
+                    visit(condition, inner)
+            for part in (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,):
+                visit(part, inner)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in shadowed:
+            free_loads.add(node.id)
+        for child in ast.iter_child_nodes(node):
+            visit(child, shadowed)
+
+    visit(tree, frozenset())
+    return bound - free_loads
+
+
 def padded(source: str, line_offset: int) -> str:
     """Source shifted down so that reported line numbers are the notebook cell's."""
     return "\n" * line_offset + source
@@ -81,6 +115,9 @@ def analyse(source: str, filename: str = "<kaas-cell>", line_offset: int = 0) ->
     """Parse ``source``; a SyntaxError carries the cell's filename and line number."""
     tree = ast.parse(padded(source, line_offset), filename=filename, mode="exec")
     reads = _global_reads(symtable.symtable(padded(source, line_offset), filename, "exec"))
+    # Python 3.12 inlines comprehensions (PEP 709): symtable then reports their loop
+    # variables as module-level references. They are reads only if used outside.
+    reads -= _comprehension_only_names(tree)
     # symtable does not count `k += 1` as a reference, but it reads k.
     reads |= {
         n.target.id for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name)

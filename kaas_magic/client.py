@@ -468,7 +468,7 @@ class Pool:
         return self._last_record
 
     def status(self) -> "PoolStatus":
-        from .status import PoolStatus
+        from .pool_status import PoolStatus
 
         self.refresh()
         infos = []

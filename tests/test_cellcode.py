@@ -28,8 +28,14 @@ def test_unpacking_loops_with_and_walrus_are_writes():
 
 
 def test_comprehension_variables_are_local_but_outer_names_are_read():
-    info = analyse("g = [k * m for k in range(3)]\n")
-    assert "m" in info.reads and "k" not in info.reads
+    info = analyse("g = [k * m for k in range(3)]\nh = {j: k2 for j in w for k2 in j}\n")
+    assert {"m", "w"} <= info.reads
+    assert not {"k", "j", "k2"} & info.reads
+
+
+def test_a_name_read_outside_its_comprehension_is_still_read():
+    info = analyse("g = [k for k in range(3)]\nprint(k)\n")
+    assert "k" in info.reads
 
 
 def test_syntax_error_reports_the_cell_line():

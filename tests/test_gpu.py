@@ -1,0 +1,65 @@
+"""The CuPy path on a real CUDA GPU. Skipped, with the reason, where there is none."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+import kaas_magic
+from kaas_magic import config
+
+from conftest import requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+def test_cupy_backend_discovers_and_warms_every_cuda_device():
+    from kaas_magic.backends import load
+
+    backend = load("cupy")(config.snapshot())
+    offers = backend.discover()
+    import cupy
+
+    assert len(offers) == cupy.cuda.runtime.getDeviceCount()
+    session = backend.open(offers[0])
+    assert "CUDA device 0" in session.device
+    with session.activate():
+        namespace = session.namespace()
+        a = namespace["xp"].arange(8, dtype=np.float32) * 2
+        session.synchronize([a])
+        host = session.to_host({"a": a, "n": 1})
+    assert isinstance(host["a"], np.ndarray) and host["n"] == 1
+    np.testing.assert_array_equal(host["a"], np.arange(8, dtype=np.float32) * 2)
+
+
+def test_gpu_cell_runs_on_cupy_without_fallback(pool):
+    x = np.linspace(0, 1, 1_000_000, dtype=np.float32)
+    result = pool.run(
+        "v = xp.asarray(x) * 3\nmodule = type(xp.asarray(x)).__module__", "gpu",
+        inputs={"x": x}, stdout=io.StringIO(),
+    )
+    record = result.record
+    assert record.backend == "cupy" and record.kind == "device" and "CUDA" in record.device
+    assert result["module"].startswith("cupy")
+    assert isinstance(result["v"], np.ndarray)
+    np.testing.assert_allclose(result["v"], x * 3)
+
+
+def test_gpu_cell_error_keeps_its_type(pool):
+    with pytest.raises(ValueError) as err:
+        pool.run("a = xp.ones(3) + xp.ones(4)", "gpu", stdout=io.StringIO())
+    first = err.value.kaas_frames[0]
+    assert first[0].startswith("<kaas-cell") and first[1] == 1  # the traceback starts in the cell
+
+
+def test_raw_cuda_kernel_through_cupy(pool):
+    code = (
+        "k = cupy.RawKernel(r'''extern \"C\" __global__ void sq(const float* a, float* o, int n)"
+        "{int i = blockDim.x * blockIdx.x + threadIdx.x; if (i < n) o[i] = a[i] * a[i];}''', 'sq')\n"
+        "a = xp.asarray(x)\nout = xp.empty_like(a)\nk(((x.size + 255) // 256,), (256,), (a, out, np.int32(x.size)))\n"
+    )
+    x = np.arange(1000, dtype=np.float32)
+    result = pool.run(code, "gpu", inputs={"x": x, "np": np}, stdout=io.StringIO())
+    np.testing.assert_array_equal(result["out"], x * x)

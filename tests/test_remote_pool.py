@@ -1,0 +1,107 @@
+"""Growing beyond one machine: a Dask scheduler and a `kaas worker`, as real subprocesses
+on loopback, used through `%kaas connect`, the API, and the environment variable."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import kaas_magic
+from kaas_magic.client import Pool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def remote():
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    env = dict(os.environ, DASK_KAAS__BACKENDS='["numpy", "qiskit"]')
+    worker = subprocess.Popen(
+        ["kaas", "worker", address, "--name", "gpu-host-1", "--host", "127.0.0.1", "--concurrency", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        yield address
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+        for proc in (worker, scheduler):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def connect_when_up(address: str) -> Pool:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return Pool.connect(address, timeout=5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_kaas_worker_serves_its_devices_to_a_remote_scheduler(remote):
+    with connect_when_up(remote) as pool:
+        pool.wait_ready(timeout=120)
+        routes = pool.routes()
+        assert [r.name for r in routes] == ["gpu-host-1"]
+        services = routes[0].services
+        # The worker's own configuration decides what it serves, with its concurrency.
+        assert {s.backend for s in services} == {"numpy", "qiskit"}
+        assert set(services.values()) == {2.0}
+        result = pool.run("y = x[::-1].copy()", "cpu", inputs={"x": np.arange(5)}, stdout=io.StringIO())
+        np.testing.assert_array_equal(result["y"], np.arange(5)[::-1])
+        assert result.record.worker == routes[0].address
+        with pytest.raises(kaas_magic.TargetUnavailable, match="qpu qiskit simulator"):
+            pool.run("r = 1", "tpu", fallback=True)
+
+
+def test_magic_connect_switches_the_default_pool(remote, shell, pool):
+    from IPython.utils.capture import capture_output
+
+    saved = kaas_magic._pool
+    kaas_magic._pool = None  # connect would otherwise close the session's pool
+    try:
+        with capture_output() as out:
+            shell.run_line_magic("kaas", f"connect {remote}")
+        assert remote in out.stdout
+        kaas_magic.pool().wait_ready(timeout=120)
+        shell.user_ns["k"] = 5
+        shell.run_cell_magic("kaas", "cpu --quiet", "k2 = k * k")
+        assert shell.user_ns.pop("k2") == 25
+        assert kaas_magic.last_run().worker == kaas_magic.pool().routes()[0].address
+    finally:
+        kaas_magic.shutdown()
+        kaas_magic._pool = saved
+
+
+def test_environment_variable_points_start_at_a_scheduler(remote, pool, monkeypatch):
+    monkeypatch.setenv("KAAS_SCHEDULER_ADDRESS", remote)
+    saved = kaas_magic._pool
+    kaas_magic._pool = None
+    try:
+        started = kaas_magic.start()
+        assert started.cluster is None and started.scheduler_address == remote
+    finally:
+        kaas_magic.shutdown()
+        kaas_magic._pool = saved
