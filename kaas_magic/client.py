@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import queue as queue_module
@@ -47,7 +48,6 @@ class WorkerRoute:
     host: str
     services: dict[Service, float] = field(default_factory=dict)  # service -> concurrency
     ready: bool = False
-    in_flight: int = 0  # calls from this client
 
 
 @dataclass
@@ -71,6 +71,9 @@ class Pool:
         self._routes: dict[str, WorkerRoute] = {}
         self._routes_lock = threading.Lock()
         self._routes_updated = threading.Event()
+        # Calls this client has in flight per worker; kept apart from the routing table,
+        # which the background refresh replaces wholesale.
+        self._in_flight: collections.Counter[str] = collections.Counter()
         self._last_record: RunRecord | None = None
         self._counter = itertools.count(1)
         self._closed = False
@@ -136,8 +139,6 @@ class Pool:
                     route.services[service] = amount
                 elif resource == READY_RESOURCE:
                     route.ready = True
-            old = self._routes.get(address)
-            route.in_flight = old.in_flight if old else 0
             routes[address] = route
         with self._routes_lock:
             self._routes = routes
@@ -183,7 +184,7 @@ class Pool:
             return (
                 _KIND_ORDER[service.kind],
                 service.backend != default,
-                route.in_flight / max(concurrency, 1),
+                self._in_flight[route.address] / max(concurrency, 1),
                 random.random(),
             )
 
@@ -309,12 +310,12 @@ class Pool:
             "outputs": output_names,
             "outputs_explicit": outputs_explicit,
         }
-        route.in_flight += 1
+        self._in_flight[route.address] += 1
         try:
             sent_at = time.time()
             reply, out = self._exchange(route.address, message, stdout or sys.stdout, stderr or sys.stderr)
         finally:
-            route.in_flight -= 1
+            self._in_flight[route.address] -= 1
         received_wall = time.time()
         t_received = time.perf_counter()
 
