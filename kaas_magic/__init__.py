@@ -89,6 +89,21 @@ def run_cell(code: str, target: str, namespace: dict, **options: Any) -> "RunRes
     return pool().run_cell(code, target, namespace, **options)
 
 
+def call(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Run kernel ``name`` on the default pool: ``kaas.call("scale", a, k=2.0)``."""
+    return pool().call(name, *args, **kwargs)
+
+
+def register(source: str, language: str, **options: Any):
+    """Register a kernel from source on the default pool; see :meth:`Pool.register`."""
+    return pool().register(source, language, **options)
+
+
+def kernels():
+    """Library and registered kernels, with where each is compiled."""
+    return pool().kernels()
+
+
 def last_run() -> "RunRecord | None":
     """The record of the latest run on the default pool (None before any)."""
     return _pool.last_run() if _pool is not None else None
@@ -109,7 +124,7 @@ def unload_ipython_extension(ipython) -> None:
 
 
 __all__ = [
-    "TARGETS", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
+    "TARGETS", "call", "register", "kernels", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
     "KaasError", "KaasUsageError", "RemoteError", "TargetUnavailable", "VariableNotSendable",
     "WorkerLost",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import itertools
 import os
 import queue as queue_module
@@ -76,6 +77,7 @@ class Pool:
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._last_record: RunRecord | None = None
         self._counter = itertools.count(1)
+        self._kernels: dict = {}  # kernels this client registered: name -> KernelSpec
         self._closed = False
         self._comms = self._sync(self._start_comm_pool())
         self._register_plugin()
@@ -271,6 +273,9 @@ class Pool:
     ) -> RunResult:
         """Run ``code`` on a warm worker serving ``target``.
 
+        Inside ``code``, ``kernels.NAME(...)`` calls a library kernel or one registered by
+        this client, on the worker's device.
+
         ``inputs`` are sent to the worker; ``outputs`` (default: the names the code assigns
         at top level) come back as host values. Print output is written to ``stdout`` /
         ``stderr`` (default: this process's) as it arrives. An exception in ``code`` is
@@ -309,6 +314,7 @@ class Pool:
             "inputs": serialized,
             "outputs": output_names,
             "outputs_explicit": outputs_explicit,
+            "kernels": [k.to_dict() for k in self._kernels.values()] if "kernels" in info.reads else [],
         }
         self._in_flight[route.address] += 1
         try:
@@ -347,6 +353,7 @@ class Pool:
             total=t_end - t_start,
         )
         record.device = reply.get("device", "")
+        record.kernels = dict(reply.get("kernels") or {})
         record.cold = waited or w["warm_wait"] > 0.001
         record.outputs = tuple(result_outputs)
         record.ok = bool(reply.get("ok"))
@@ -423,6 +430,111 @@ class Pool:
             text = payload.get("text") if isinstance(payload, dict) else payload
             raise KaasError(f"worker {address} could not accept the call: {text}")
         return payload, ("".join(captured["stdout"]), "".join(captured["stderr"]))
+
+    # -- registered kernels --
+
+    def library(self) -> dict:
+        from .kernelspec import load_library
+
+        if not hasattr(self, "_library"):
+            self._library = load_library()
+        return self._library
+
+    def _kernel_specs(self, name: str) -> list:
+        from .kernelspec import KernelError
+
+        if name in self._kernels:
+            return [self._kernels[name]]
+        specs = self.library().get(name)
+        if not specs:
+            known = sorted(set(self.library()) | set(self._kernels))
+            raise KernelError(f"unknown kernel {name!r}; known kernels: {', '.join(known)}")
+        return specs
+
+    def _route_kernel(self, specs: list, target: str | None, backend: str | None, fallback: bool | None):
+        """Pick (spec, target): a real device first, then a simulator, then a stand-in."""
+        if target is not None:
+            check_target(target)
+        if fallback is None:
+            fallback = bool(kaas_config.get("fallback", False))
+        options = [
+            (spec, t) for spec in specs for t in (spec.targets if target is None else (target,))
+            if backend is None or spec.backend == backend
+        ]
+        for allow in ((False, True) if fallback else (False,)):
+            best = None
+            for spec, t in options:
+                choice = self._choose(t, spec.backend, allow, None)
+                if choice is not None:
+                    rank = _KIND_ORDER[choice[1].kind]
+                    if best is None or rank < best[0]:
+                        best = (rank, spec, t)
+            if best is not None:
+                return best[1], best[2]
+        if not self.routes() or any(not r.ready for r in self.routes()):
+            self.wait_ready()
+            return self._route_kernel(specs, target, backend, fallback)
+        where = ", ".join(sorted({f"{t} ({s.language})" for s, t in options})) or "nothing that matches"
+        raise TargetUnavailable(
+            f"no worker in the pool can run kernel {specs[0].name!r} on {where}. The pool serves:\n  "
+            + "\n  ".join(self.served())
+            + ("" if fallback else "\nAdd fallback=True (--fallback) to allow a CPU stand-in.")
+        )
+
+    def call(self, name: str, *args, target: str | None = None, backend: str | None = None,
+             fallback: bool | None = None, **kwargs) -> Any:
+        """Run kernel ``name`` with ``args`` on the best device that can, and return its
+        result as host values. Arguments are checked against the signature before launch."""
+        from .kernelspec import bind
+
+        specs = self._kernel_specs(name)
+        spec, target = self._route_kernel(specs, target, backend, fallback)
+        if spec.params is not None:
+            bind(spec, args, dict(kwargs))  # fail here, naming the argument, before sending
+        result = self.run(
+            f"__result = kernels.{name}(*__args, **__kwargs)", target,
+            inputs={"__args": args, "__kwargs": kwargs}, outputs=["__result"],
+            backend=spec.backend, fallback=True, stdout=io.StringIO(),
+            filename=f"<kaas call {name}>",
+        )
+        return result.outputs["__result"]
+
+    def register(self, source: str, language: str, *, signature: str | None = None,
+                 name: str | None = None, target: str | None = None, fallback: bool | None = None,
+                 line_offset: int = 0):
+        """Register a kernel from source and compile it on a warm worker straight away.
+
+        A compile error raises with the compiler's log (lines point into the cell when
+        ``line_offset`` says where the source starts) and registers nothing."""
+        from .kernelspec import spec_from_source
+
+        spec = spec_from_source(source, language, signature=signature, name=name,
+                                targets=(target,) if target else (), line_offset=line_offset)
+        previous = self._kernels.get(spec.name)
+        self._kernels[spec.name] = spec
+        try:
+            chosen, target = self._route_kernel([spec], target, None, fallback)
+            result = self.run(f"__how = kernels._compile({spec.name!r})", target, outputs=["__how"],
+                              backend=spec.backend, fallback=True, stdout=io.StringIO(),
+                              filename=f"<kaas register {spec.name}>")
+        except BaseException:
+            if previous is None:
+                del self._kernels[spec.name]
+            else:
+                self._kernels[spec.name] = previous
+            raise
+        return spec, result.record
+
+    def kernels(self) -> "KernelTable":
+        from .pool_status import KernelTable
+
+        status = self.status()
+        compiled: dict[str, list] = {}
+        for worker in status.workers:
+            for row in worker.get("kernels", []):
+                compiled.setdefault(row["name"], []).append({"worker": worker.get("name"), **row})
+        specs = [s for specs in self.library().values() for s in specs] + list(self._kernels.values())
+        return KernelTable(specs, compiled)
 
     # -- the notebook-facing wrapper --
 

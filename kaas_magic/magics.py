@@ -48,6 +48,9 @@ def run_options(func):
 
 @magic_arguments()
 @argument("target", choices=list(TARGETS), help="where to run: " + ", ".join(f"{t} ({d})" for t, d in TARGETS.items()))
+@argument("--register", "-r", metavar="SIGNATURE",
+          help="register the cell as a kernel instead of running it: its name, or its signature "
+               "such as 'scale(a: float32[n], out: out float32[n], k: float32)'")
 @run_options
 def _cell_parser():
     """%%kaas TARGET [options]: run the cell on a warm worker serving TARGET."""
@@ -62,6 +65,7 @@ def _command_parser() -> MagicArgumentParser:
     connect.add_argument("address", help="scheduler address, e.g. tcp://10.0.0.5:8786")
     sub.add_parser("status", help="workers, their targets and devices, calls in flight")
     sub.add_parser("last", help="the record of the latest run")
+    sub.add_parser("kernels", help="registered kernels: signature, where compiled, compile count")
     sub.add_parser("stop", help="close the pool (and the embedded cluster)")
     return parser
 
@@ -92,6 +96,10 @@ class KaasMagics(Magics):
             raise UsageError(f"{e}\n{_cell_parser.parser.format_usage()}") from None
         if not cell.strip():
             raise UsageError("%%kaas: the cell is empty; there is nothing to run")
+        if args.register:
+            # magic_arguments splits like a shell but keeps the quotes around a value.
+            args.register = args.register.strip().strip("'\"")
+            return self._register(args, cell)
         shell = self.shell
         filename = f"<kaas In[{shell.execution_count}]>"
         result = kaas.run_cell(
@@ -114,6 +122,26 @@ class KaasMagics(Magics):
 
             display(result.record)
 
+    def _register(self, args, cell: str):
+        import kaas_magic as kaas
+
+        from .targets import DEFAULT_BACKEND
+
+        language_of = {"cupy": "cuda", "opencl": "opencl", "jax": "jax", "qiskit": "qiskit"}
+        backend = args.backend or DEFAULT_BACKEND[args.target]
+        if backend not in language_of:
+            raise UsageError(f"kernels for {args.target} need a kernel backend: pass --backend "
+                             f"{' or '.join(b for b in language_of if b != 'qiskit')}")
+        spec, record = kaas.pool().register(
+            cell, language_of[backend],
+            signature=args.register if "(" in args.register else None,
+            name=None if "(" in args.register else args.register,
+            target=args.target, fallback=args.fallback, line_offset=1,
+        )
+        if not args.quiet:
+            print(f"registered {spec.signature()} [{spec.language}], compiled on {record.label()} "
+                  f"@ {record.worker}")
+
     # -- %kaas COMMAND --
 
     def _command(self, line: str):
@@ -134,6 +162,8 @@ class KaasMagics(Magics):
             return kaas.status()
         if args.command == "last":
             return kaas.last_run()
+        if args.command == "kernels":
+            return kaas.pool().kernels()
         if args.command == "stop":
             kaas.shutdown()
             print("kaas pool closed")

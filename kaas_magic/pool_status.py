@@ -62,3 +62,34 @@ class PoolStatus:
         )
         title = html.escape(str(self).splitlines()[0])
         return f"<div><b>{title}</b><table>{head}{body}</table></div>"
+
+
+@dataclass
+class KernelTable:
+    """What ``%kaas kernels`` shows: every kernel, its signature, where it is compiled."""
+
+    specs: list
+    compiled: dict[str, list[dict]]
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for spec in self.specs:
+            where = [c for c in self.compiled.get(spec.name, []) if c.get("language") == spec.language]
+            rows.append({
+                "name": spec.name, "language": spec.language, "origin": spec.origin,
+                "targets": ",".join(spec.targets), "signature": spec.signature(),
+                "compiled_on": sorted({f"{c['worker']}:{c['device']}" for c in where if c["compiles"] or c["cache_hits"]}),
+                "compiles": sum(c["compiles"] for c in where),
+                "calls": sum(c["calls"] for c in where),
+            })
+        return rows
+
+    def __str__(self) -> str:
+        lines = []
+        for r in self.rows():
+            lines.append(f"{r['name']:<12} {r['language']:<7} {r['origin']:<8} [{r['targets']}] "
+                         f"compiles={r['compiles']} calls={r['calls']}\n    {r['signature']}"
+                         + "".join(f"\n    compiled on {w}" for w in r["compiled_on"]))
+        return "\n".join(lines)
+
+    __repr__ = __str__

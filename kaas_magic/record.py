@@ -48,6 +48,7 @@ class RunRecord:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)  # kernel -> compiled | warm
     started_at: float = 0.0
 
     @property

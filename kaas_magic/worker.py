@@ -136,6 +136,7 @@ class WorkerRuntime:
         self.calls = collections.Counter()  # per service resource
         self.errors = 0
         self._closing = threading.Event()
+        self.library: dict | None = None
         self._code_cache: collections.OrderedDict = collections.OrderedDict()
         self._code_lock = threading.Lock()
         # A crash inside a native kernel should leave a trace in the worker's log.
@@ -164,6 +165,8 @@ class WorkerRuntime:
             self.backend_state[name] = state
             self._publish()
             self.loop.call_soon_threadsafe(self._backend_done[name].set)
+        if self.config.get("kernels", {}).get("warm-library", True):
+            self._warm_library()
         self.warm_finished = time.time()
         self._publish(ready=True)
         # Keep this thread alive: some extension modules (qiskit 2's Rust core) segfault
@@ -264,6 +267,8 @@ class WorkerRuntime:
             with session.activate():
                 code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
                 namespace = session.namespace()
+                kernels = KernelNamespace(self, session, msg.get("kernels") or ())
+                namespace["kernels"] = kernels
                 namespace["__name__"] = "__kaas__"
                 namespace["__builtins__"] = builtins
                 namespace.update(msg["inputs"])
@@ -282,7 +287,7 @@ class WorkerRuntime:
                             skipped[name] = "the cell did not assign it"
                         continue
                     try:
-                        outputs[name] = serial.dumps(session.to_host(namespace[name]))
+                        outputs[name] = serial.dumps(self.to_host(namespace[name], session))
                     except Exception as e:
                         value = namespace[name]
                         skipped[name] = (
@@ -298,7 +303,42 @@ class WorkerRuntime:
         finally:
             _current.sink = None
             sys.stdout.flush()
-        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "timings": timings}
+        kernel_states = kernels.states if "kernels" in locals() else {}
+        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error,
+                "timings": timings, "kernels": kernel_states}
+
+    def to_host(self, value: Any, session: Session) -> Any:
+        """Device arrays of any backend on this worker (a cell may call kernels of another
+        backend than its own) become host arrays."""
+        value = session.to_host(value)
+        for other in {type(s): s for s in self.sessions.values()}.values():
+            if type(other) is not type(session):
+                value = other.to_host(value)
+        return value
+
+    # -- registered kernels --
+
+    def _library(self) -> dict:
+        if self.library is None:
+            from .kernelspec import load_library
+
+            self.library = load_library()
+        return self.library
+
+    def sessions_for(self, backend: str, prefer: Session | None = None) -> list[Session]:
+        found = [s for r, s in self.sessions.items() if r.split("/")[2] == backend]
+        found.sort(key=lambda s: (s is not prefer, s.offer.service.kind != "device"))
+        return found
+
+    def _warm_library(self) -> None:
+        """Compile every library kernel on every device that can run it, so first calls are warm."""
+        for specs in self._library().values():
+            for spec in specs:
+                for session in {id(s): s for s in self.sessions_for(spec.backend)}.values():
+                    try:
+                        session.kernel(spec)
+                    except Exception:
+                        logger.exception("kaas could not build library kernel %s on %s", spec.name, session.device)
 
     # -- introspection --
 
@@ -314,6 +354,7 @@ class WorkerRuntime:
             "concurrency": self.concurrency,
             "in_flight": self.in_flight,
             "errors": self.errors,
+            "kernels": self.kernel_info(),
             "services": [
                 {
                     "resource": resource,
@@ -326,6 +367,18 @@ class WorkerRuntime:
                 for resource, offer in self.offers.items()
             ],
         }
+
+    def kernel_info(self) -> list[dict]:
+        rows, seen = [], set()
+        for session in self.sessions.values():
+            stats = session._kernel_stats
+            key = id(stats)
+            if key in seen:
+                continue
+            seen.add(key)
+            for name, st in stats.items():
+                rows.append({"name": name, "device": session.device, **st})
+        return rows
 
     async def handle_info(self) -> dict:
         return self.info()
@@ -351,6 +404,65 @@ def _error_payload(exc: BaseException, filename: str | None) -> dict:
         "frames": [(f.filename, f.lineno, f.name, f.line) for f in frames],
         "exception": exception,
     }
+
+
+class KernelNamespace:
+    """``kernels`` inside a cell: ``kernels.vector_add(a, b)`` runs on this worker's device,
+    and its result stays there, so a cell can chain kernels without a round trip."""
+
+    def __init__(self, runtime: WorkerRuntime, session: Session, user_specs):
+        from .kernelspec import KernelSpec
+
+        self._runtime = runtime
+        self._session = session
+        self._user = {d["name"]: KernelSpec.from_dict(d) for d in user_specs}
+        self.states: dict[str, str] = {}
+
+    def _spec(self, name: str):
+        from .kernelspec import KernelError
+
+        if name in self._user:
+            return [self._user[name]]
+        specs = self._runtime._library().get(name)
+        if not specs:
+            known = sorted(set(self._runtime._library()) | set(self._user))
+            raise KernelError(f"unknown kernel {name!r}; known kernels: {', '.join(known)}")
+        return specs
+
+    def _session_for(self, name: str):
+        from .kernelspec import KernelError
+
+        specs = self._spec(name)
+        current = self._session.offer.service.backend
+        for spec in sorted(specs, key=lambda s: s.backend != current):
+            sessions = self._runtime.sessions_for(spec.backend, prefer=self._session)
+            if sessions:
+                return spec, sessions[0]
+        langs = ", ".join(s.language for s in specs)
+        raise KernelError(f"kernel {name!r} ({langs}) cannot run on worker {self._runtime.worker.address}: "
+                          f"no {' or '.join(s.backend for s in specs)} device here")
+
+    def _compile(self, name: str) -> str:
+        spec, session = self._session_for(name)
+        _, how = session.kernel(spec)
+        self.states[name] = how
+        return how
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            spec, session = self._session_for(name)
+            result, how = session.call_kernel(spec, args, kwargs)
+            self.states.setdefault(name, how)
+            return result
+
+        call.__name__ = name
+        return call
+
+    def __dir__(self):
+        return sorted(set(self._runtime._library()) | set(self._user))
 
 
 # --- installation ---------------------------------------------------------------------

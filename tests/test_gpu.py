@@ -63,3 +63,31 @@ def test_raw_cuda_kernel_through_cupy(pool):
     x = np.arange(1000, dtype=np.float32)
     result = pool.run(code, "gpu", inputs={"x": x, "np": np}, stdout=io.StringIO())
     np.testing.assert_array_equal(result["out"], x * x)
+
+
+@pytest.mark.parametrize("name", ["vector_add", "saxpy", "matmul", "reduce_sum", "mandelbrot"])
+def test_cuda_library_kernels_match_numpy(pool, name):
+    rng = np.random.default_rng(3)
+    a, b = rng.random(5000, dtype=np.float32), rng.random(5000, dtype=np.float32)
+    if name == "vector_add":
+        got, want = pool.call(name, a, b, target="gpu"), a + b
+    elif name == "saxpy":
+        got, want = pool.call(name, 1.5, a, b, target="gpu"), 1.5 * a + b
+    elif name == "matmul":
+        m, n = rng.random((33, 20), dtype=np.float32), rng.random((20, 17), dtype=np.float32)
+        got, want = pool.call(name, m, n, target="gpu"), m @ n
+    elif name == "reduce_sum":
+        got, want = float(pool.call(name, a, target="gpu")), float(a.astype(np.float64).sum())
+    else:
+        got = pool.call(name, width=32, height=16, x0=-2.0, x1=1.0, y0=-1.0, y1=1.0, max_iter=30, target="gpu")
+        opencl = pool.call(name, width=32, height=16, x0=-2.0, x1=1.0, y0=-1.0, y1=1.0, max_iter=30,
+                           target="cpu", backend="opencl") if _has_opencl(pool) else got
+        assert got.shape == (16, 32) and got.max() == 30 and got.min() >= 1
+        want = opencl
+    record = pool.last_run()
+    assert record.backend in ("cupy", "opencl", "numpy") and (name == "mandelbrot" or record.backend == "cupy")
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def _has_opencl(pool) -> bool:
+    return any(s.backend == "opencl" and s.target == "cpu" for r in pool.routes() for s in r.services)

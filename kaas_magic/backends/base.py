@@ -13,6 +13,7 @@ import contextlib
 import copy
 import os
 import platform
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -36,6 +37,10 @@ class Session:
     def __init__(self, offer: Offer, config: dict):
         self.offer = offer
         self.config = config
+        # Created here so that relabelled copies of a session (Backend.open) share them.
+        self._kernels: dict[str, Any] = {}
+        self._kernels_lock = threading.Lock()
+        self._kernel_stats: dict[str, dict] = {}
 
     @property
     def device(self) -> str:
@@ -60,6 +65,47 @@ class Session:
 
     def close(self) -> None:
         pass
+
+    # -- registered kernels: compiled once per (kernel, device, options), then warm --
+
+    languages: ClassVar[tuple[str, ...]] = ()
+
+    def kernel(self, spec) -> tuple[Any, str]:
+        """The compiled form of ``spec`` on this device, and how it was had: "warm" (already
+        in memory), or "compiled"."""
+        stats = self.kernel_stats(spec)
+        with self._kernels_lock:
+            compiled = self._kernels.get(spec.digest)
+            if compiled is not None:
+                stats["cache_hits"] += 1
+                return compiled, "warm"
+            compiled = self.build(spec)
+            self._kernels[spec.digest] = compiled
+            stats["compiles"] += 1
+            return compiled, "compiled"
+
+    def kernel_stats(self, spec) -> dict:
+        return self._kernel_stats.setdefault(
+            spec.name, {"language": spec.language, "calls": 0, "compiles": 0, "cache_hits": 0, "execute_s": 0.0}
+        )
+
+    def call_kernel(self, spec, args: tuple, kwargs: dict) -> tuple[Any, str]:
+        """Run a registered kernel here; results stay on the device (to_host brings them home)."""
+        import time
+
+        compiled, how = self.kernel(spec)
+        started = time.perf_counter()
+        result = self.launch(spec, compiled, args, kwargs)
+        stats = self.kernel_stats(spec)
+        stats["calls"] += 1
+        stats["execute_s"] += time.perf_counter() - started
+        return result, how
+
+    def build(self, spec) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} cannot build {spec.language} kernels")
+
+    def launch(self, spec, compiled, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
 
 
 class Backend:

@@ -40,6 +40,55 @@ class CupySession(Session):
 
         cupy.cuda.get_current_stream().synchronize()
 
+    languages = ("cuda",)
+
+    def build(self, spec):
+        import cupy
+
+        from ..kernelspec import KernelCompileError, shift_log_lines
+
+        kernel = cupy.RawKernel(spec.source, spec.name, options=tuple(spec.options))
+        try:
+            with cupy.cuda.Device(self.index):
+                kernel.compile()
+        except cupy.cuda.compiler.CompileException as e:
+            raise KernelCompileError(
+                f"CUDA kernel {spec.name!r} failed to compile for {self.device}:\n"
+                + shift_log_lines(str(e), spec.line_offset)
+            ) from None
+        return kernel
+
+    def launch(self, spec, kernel, args: tuple, kwargs: dict):
+        import cupy
+
+        from ..kernelspec import bind
+
+        bound = bind(spec, args, kwargs)
+        device_args, outputs = [], {}
+        for p in spec.params:
+            if p.role == "scalar":
+                device_args.append(bound.values[p.name])
+                continue
+            if p.role == "out":
+                array = cupy.empty(bound.out_shapes[p.name], dtype=p.dtype)
+                outputs[p.name] = array
+            else:
+                array = cupy.ascontiguousarray(cupy.asarray(bound.values[p.name]))
+                if p.role == "inout":
+                    outputs[p.name] = array
+            device_args.append(array)
+        grid = bound.grid(spec)
+        block = spec.block or (256,)
+        blocks = tuple(-(-g // b) for g, b in zip(grid, block))
+        kernel(blocks, block, tuple(device_args))
+        if spec.post == "sum":
+            # A reduction kernel: run it again on its own partial sums until one is left.
+            partial = next(iter(outputs.values()))
+            while partial.size > 1:
+                partial = self.launch(spec.__class__(**{**spec.__dict__, "post": None}), kernel, (partial,), {})
+            return partial[0]
+        return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
+
     def to_host(self, value: Any) -> Any:
         import cupy
 

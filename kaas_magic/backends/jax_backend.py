@@ -49,6 +49,30 @@ class JaxSession(Session):
         jax = _import_jax()
         jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
 
+    languages = ("jax",)
+
+    def build(self, spec):
+        jax = _import_jax()
+        from ..cellcode import padded
+
+        namespace: dict[str, Any] = {"__name__": f"kaas_kernel_{spec.name}"}
+        exec(compile(padded(spec.source, spec.line_offset), f"<kernel {spec.name}>", "exec"), namespace)
+        function = namespace.get(spec.name)
+        if not callable(function):
+            from ..kernelspec import KernelError
+
+            raise KernelError(f"JAX kernel source defines no function named {spec.name!r}")
+        return jax.jit(function)
+
+    def launch(self, spec, jitted, args: tuple, kwargs: dict):
+        from ..kernelspec import bind
+
+        if spec.params is not None:
+            bound = bind(spec, args, kwargs)
+            args, kwargs = tuple(bound.values[p.name] for p in spec.params), {}
+        with self.activate():
+            return jitted(*args, **kwargs)
+
     def to_host(self, value: Any) -> Any:
         jax = _import_jax()
         import numpy

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -57,6 +58,64 @@ class OpenCLSession(Session):
 
     def synchronize(self, values: list[Any]) -> None:
         self.queue.finish()
+
+    languages = ("opencl",)
+
+    def build(self, spec):
+        import pyopencl as cl
+
+        from ..kernelspec import KernelCompileError, shift_log_lines
+
+        try:
+            return cl.Program(self.context, spec.source).build(options=list(spec.options))
+        except cl.RuntimeError as e:
+            # Keep the compiler's diagnostics, naming the kernel instead of a temp file.
+            lines = [
+                re.sub(r"\S*tempfile_\w+\.cl", f"<kernel {spec.name}>", line)
+                for line in str(e).splitlines()
+                if re.match(r"\s*(error|warning|note)\b|.*\.cl:\d+:\d+:", line)
+            ]
+            raise KernelCompileError(
+                f"OpenCL kernel {spec.name!r} failed to build on {self.device}:\n"
+                + shift_log_lines("\n".join(lines) or str(e), spec.line_offset)
+            ) from None
+
+    def launch(self, spec, program, args: tuple, kwargs: dict):
+        import numpy
+        import pyopencl as cl
+        import pyopencl.array as cl_array
+
+        from ..kernelspec import bind, round_up
+
+        queue = self.queue
+        bound = bind(spec, args, kwargs)
+        device_args, outputs = [], {}
+        for p in spec.params:
+            if p.role == "scalar":
+                device_args.append(bound.values[p.name])
+                continue
+            if p.role == "out":
+                array = cl_array.empty(queue, bound.out_shapes[p.name], numpy.dtype(p.dtype))
+                outputs[p.name] = array
+            else:
+                value = bound.values[p.name]
+                array = value if isinstance(value, cl_array.Array) else cl_array.to_device(
+                    queue, numpy.ascontiguousarray(value))
+                if p.role == "inout":
+                    outputs[p.name] = array
+            device_args.append(array.data)
+        grid = bound.grid(spec)
+        block = spec.block or None
+        global_size = tuple(round_up(g, b) for g, b in zip(grid, block)) if block else grid
+        cl.Kernel(program, spec.name)(queue, global_size, block, *device_args)
+        if spec.post == "sum":
+            # A reduction kernel: run it again on its own partial sums, on the device,
+            # until one value is left.
+            partial = next(iter(outputs.values()))
+            while partial.size > 1:
+                partial = self.launch(spec.__class__(**{**spec.__dict__, "post": None}), program, (partial,), {})
+            return partial.get()[0]
+        return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
 
     def to_host(self, value: Any) -> Any:
         import pyopencl.array as cl_array

@@ -122,6 +122,33 @@ class QiskitSession(Session):
             return dict(result[0].join_data().get_counts())
         return dict(self.backend.run(transpiled, shots=shots).result().get_counts())
 
+    languages = ("qiskit",)
+
+    def build(self, spec):
+        """OpenQASM: the circuit, transpiled once. Python: the circuit-building function."""
+        from ..cellcode import padded
+        from ..kernelspec import KernelError
+
+        if "OPENQASM" in spec.source and "def " not in spec.source:
+            circuit = self._as_circuit(spec.source)
+            self.transpile(circuit)  # warms the transpile cache for later calls
+            return circuit
+        namespace: dict[str, Any] = {"__name__": f"kaas_kernel_{spec.name}"}
+        exec(compile(padded(spec.source, spec.line_offset), f"<kernel {spec.name}>", "exec"), namespace)
+        builder = namespace.get(spec.name)
+        if not callable(builder):
+            raise KernelError(f"Qiskit kernel source defines no function named {spec.name!r}")
+        return builder
+
+    def launch(self, spec, compiled, args: tuple, kwargs: dict):
+        shots = kwargs.pop("shots", None)
+        circuit = compiled(*args, **kwargs) if callable(compiled) else compiled
+        if not callable(compiled) and (args or kwargs):
+            from ..kernelspec import KernelArgumentError
+
+            raise KernelArgumentError(f"kernel {spec.name!r} is a fixed circuit: it takes only shots=")
+        return self.run(circuit, shots=shots)
+
     def namespace(self) -> dict[str, Any]:
         import numpy
 
