@@ -373,9 +373,14 @@ def round_up(size: int, block: int) -> int:
 
 
 def library_dir() -> Path:
-    from . import library  # the repository's kernels/ folder, installed as kaas_magic.library
+    """The repository's kernels/ folder: installed as ``kaas_magic.library``, or found
+    beside the package when running from a source checkout that was not installed."""
+    try:
+        from . import library
 
-    return Path(library.__file__).parent
+        return Path(library.__file__).parent
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "kernels"
 
 
 def load_library() -> dict[str, list[KernelSpec]]:

@@ -166,7 +166,10 @@ class WorkerRuntime:
             self._publish()
             self.loop.call_soon_threadsafe(self._backend_done[name].set)
         if self.config.get("kernels", {}).get("warm-library", True):
-            self._warm_library()
+            try:
+                self._warm_library()
+            except Exception:  # a broken library must not keep the worker from being ready
+                logger.exception("kaas could not load the kernel library")
         self.warm_finished = time.time()
         self._publish(ready=True)
         # Keep this thread alive: some extension modules (qiskit 2's Rust core) segfault
