@@ -62,11 +62,11 @@ def rebuild_remote_exception(error: dict, *, worker: str, where: str) -> BaseExc
     if not isinstance(exc, BaseException):
         name = error["type"].rsplit(".", 1)[-1]
         exc = type(name, (RemoteError,), {"__module__": "kaas_magic.remote"})(error["message"])
-    header = f"{error['type']} on worker {worker} ({where})"
     if isinstance(exc, KaasError):  # our own errors: the message says it all
         exc.kaas_worker = worker  # type: ignore[attr-defined]
         exc.kaas_frames = error.get("frames") or []  # type: ignore[attr-defined]
         return exc
+    header = f"{error['type']} on worker {worker} ({where})"
     frames = error.get("frames") or []
     tb_lines = ["Traceback (most recent call last):\n"]
     tb_lines += traceback.format_list([tuple(f) for f in frames])

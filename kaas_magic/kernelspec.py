@@ -20,6 +20,7 @@ Library kernels carry the signature and launch geometry in header comments::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -347,6 +348,37 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict, *, shape_of=np.shape, dtyp
         if p.role == "out":
             out_shapes[p.name] = tuple(_eval_dim(d, dims, spec.name) for d in p.shape)
     return Bound(given, out_shapes, dims)
+
+
+def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, upload, pointer, run):
+    """The launch both C dialects share (OpenCL C and CUDA C): bind the arguments, allocate
+    outputs, upload inputs, run, and for a ``post: sum`` reduction kernel run it again on
+    its own partial sums, on the device, until one value is left.
+
+    ``allocate(shape, dtype)`` and ``upload(value)`` make device arrays, ``pointer(array)``
+    is what the kernel takes for one, ``run(device_args, grid)`` launches.
+    """
+    bound = bind(spec, args, kwargs)
+    device_args, outputs = [], {}
+    for p in spec.params:
+        if p.role == "scalar":
+            device_args.append(bound.values[p.name])
+            continue
+        if p.role == "out":
+            array = outputs[p.name] = allocate(bound.out_shapes[p.name], np.dtype(p.dtype))
+        else:
+            array = upload(bound.values[p.name])
+            if p.role == "inout":
+                outputs[p.name] = array
+        device_args.append(pointer(array))
+    run(device_args, bound.grid(spec))
+    if spec.post == "sum":
+        partial, once = next(iter(outputs.values())), dataclasses.replace(spec, post=None)
+        while partial.size > 1:
+            partial = launch_c_kernel(once, (partial,), {}, allocate=allocate, upload=upload,
+                                      pointer=pointer, run=run)
+        return partial[0:1]
+    return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
 
 
 def shift_log_lines(log: str, offset: int) -> str:

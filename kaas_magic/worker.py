@@ -265,6 +265,7 @@ class WorkerRuntime:
         outputs: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         error = None
+        kernels = None
         _current.sink = output.write
         try:
             with session.activate():
@@ -306,9 +307,8 @@ class WorkerRuntime:
         finally:
             _current.sink = None
             sys.stdout.flush()
-        kernel_states = kernels.states if "kernels" in locals() else {}
         return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error,
-                "timings": timings, "kernels": kernel_states}
+                "timings": timings, "kernels": kernels.states if kernels else {}}
 
     def to_host(self, value: Any, session: Session) -> Any:
         """Device arrays of any backend on this worker (a cell may call kernels of another

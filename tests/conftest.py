@@ -54,3 +54,18 @@ def cuda_available() -> bool:
 
 
 requires_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy; none here")
+
+
+def mandelbrot_reference(width, height, x0, x1, y0, y1, max_iter):
+    """The library's mandelbrot kernel, in NumPy with the same float32 arithmetic."""
+    import numpy as np
+
+    xs = np.float32(x0) + np.float32(x1 - x0) * np.arange(width, dtype=np.float32) / np.float32(width)
+    ys = np.float32(y0) + np.float32(y1 - y0) * np.arange(height, dtype=np.float32) / np.float32(height)
+    c = xs[None, :].astype(np.complex64) + 1j * ys[:, None].astype(np.complex64)
+    z, counts = np.zeros_like(c), np.zeros(c.shape, np.int32)
+    for _ in range(max_iter):
+        alive = np.abs(z) ** 2 <= 4
+        z = np.where(alive, z * z + c, z)
+        counts += alive
+    return counts

@@ -10,7 +10,7 @@ import pytest
 import kaas_magic
 from kaas_magic import config
 
-from conftest import requires_gpu
+from conftest import mandelbrot_reference, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -79,15 +79,11 @@ def test_cuda_library_kernels_match_numpy(pool, name):
     elif name == "reduce_sum":
         got, want = float(pool.call(name, a, target="gpu")), float(a.astype(np.float64).sum())
     else:
-        got = pool.call(name, width=32, height=16, x0=-2.0, x1=1.0, y0=-1.0, y1=1.0, max_iter=30, target="gpu")
-        opencl = pool.call(name, width=32, height=16, x0=-2.0, x1=1.0, y0=-1.0, y1=1.0, max_iter=30,
-                           target="cpu", backend="opencl") if _has_opencl(pool) else got
-        assert got.shape == (16, 32) and got.max() == 30 and got.min() >= 1
-        want = opencl
-    record = pool.last_run()
-    assert record.backend in ("cupy", "opencl", "numpy") and (name == "mandelbrot" or record.backend == "cupy")
+        got = pool.call(name, width=64, height=48, x0=-2.0, x1=1.0, y0=-1.2, y1=1.2, max_iter=60, target="gpu")
+        assert pool.last_run().backend == "cupy"
+        want = mandelbrot_reference(64, 48, -2.0, 1.0, -1.2, 1.2, 60)
+        assert got.shape == want.shape and np.mean(got == want) > 0.99  # rounding may flip edge points
+        return
+    assert pool.last_run().backend == "cupy"
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
-
-def _has_opencl(pool) -> bool:
-    return any(s.backend == "opencl" and s.target == "cpu" for r in pool.routes() for s in r.services)

@@ -61,33 +61,21 @@ class CupySession(Session):
     def launch(self, spec, kernel, args: tuple, kwargs: dict):
         import cupy
 
-        from ..kernelspec import bind
+        from ..kernelspec import launch_c_kernel
 
-        bound = bind(spec, args, kwargs)
-        device_args, outputs = [], {}
-        for p in spec.params:
-            if p.role == "scalar":
-                device_args.append(bound.values[p.name])
-                continue
-            if p.role == "out":
-                array = cupy.empty(bound.out_shapes[p.name], dtype=p.dtype)
-                outputs[p.name] = array
-            else:
-                array = cupy.ascontiguousarray(cupy.asarray(bound.values[p.name]))
-                if p.role == "inout":
-                    outputs[p.name] = array
-            device_args.append(array)
-        grid = bound.grid(spec)
         block = spec.block or (256,)
-        blocks = tuple(-(-g // b) for g, b in zip(grid, block))
-        kernel(blocks, block, tuple(device_args))
-        if spec.post == "sum":
-            # A reduction kernel: run it again on its own partial sums until one is left.
-            partial = next(iter(outputs.values()))
-            while partial.size > 1:
-                partial = self.launch(spec.__class__(**{**spec.__dict__, "post": None}), kernel, (partial,), {})
-            return partial[0]
-        return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
+
+        def run(device_args, grid):
+            kernel(tuple(-(-g // b) for g, b in zip(grid, block)), block, tuple(device_args))
+
+        result = launch_c_kernel(
+            spec, args, kwargs,
+            allocate=lambda shape, dtype: cupy.empty(shape, dtype=dtype),
+            upload=lambda v: cupy.ascontiguousarray(cupy.asarray(v)),
+            pointer=lambda array: array,
+            run=run,
+        )
+        return result[0] if spec.post == "sum" else result
 
     def to_host(self, value: Any) -> Any:
         import cupy

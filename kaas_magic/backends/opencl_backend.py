@@ -85,37 +85,23 @@ class OpenCLSession(Session):
         import pyopencl as cl
         import pyopencl.array as cl_array
 
-        from ..kernelspec import bind, round_up
+        from ..kernelspec import launch_c_kernel, round_up
 
         queue = self.queue
-        bound = bind(spec, args, kwargs)
-        device_args, outputs = [], {}
-        for p in spec.params:
-            if p.role == "scalar":
-                device_args.append(bound.values[p.name])
-                continue
-            if p.role == "out":
-                array = cl_array.empty(queue, bound.out_shapes[p.name], numpy.dtype(p.dtype))
-                outputs[p.name] = array
-            else:
-                value = bound.values[p.name]
-                array = value if isinstance(value, cl_array.Array) else cl_array.to_device(
-                    queue, numpy.ascontiguousarray(value))
-                if p.role == "inout":
-                    outputs[p.name] = array
-            device_args.append(array.data)
-        grid = bound.grid(spec)
         block = spec.block or None
-        global_size = tuple(round_up(g, b) for g, b in zip(grid, block)) if block else grid
-        cl.Kernel(program, spec.name)(queue, global_size, block, *device_args)
-        if spec.post == "sum":
-            # A reduction kernel: run it again on its own partial sums, on the device,
-            # until one value is left.
-            partial = next(iter(outputs.values()))
-            while partial.size > 1:
-                partial = self.launch(spec.__class__(**{**spec.__dict__, "post": None}), program, (partial,), {})
-            return partial.get()[0]
-        return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
+
+        def run(device_args, grid):
+            global_size = tuple(round_up(g, b) for g, b in zip(grid, block)) if block else grid
+            cl.Kernel(program, spec.name)(queue, global_size, block, *device_args)
+
+        result = launch_c_kernel(
+            spec, args, kwargs,
+            allocate=lambda shape, dtype: cl_array.empty(queue, shape, dtype),
+            upload=lambda v: v if isinstance(v, cl_array.Array) else cl_array.to_device(queue, numpy.ascontiguousarray(v)),
+            pointer=lambda array: array.data,
+            run=run,
+        )
+        return result.get()[0] if spec.post == "sum" else result
 
     def to_host(self, value: Any) -> Any:
         import pyopencl.array as cl_array
