@@ -21,7 +21,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .errors import KaasError, KaasUsageError, RemoteError, TargetUnavailable, VariableNotSendable, WorkerLost
+from .errors import (
+    KaasError, KaasUsageError, RemoteError, StaleHandleError, TargetUnavailable, VariableNotSendable, WorkerLost,
+)
 from .targets import TARGETS
 
 if TYPE_CHECKING:
@@ -94,6 +96,30 @@ def call(name: str, *args: Any, **kwargs: Any) -> Any:
     return pool().call(name, *args, **kwargs)
 
 
+def put(value: Any, target: str = "cpu", **options: Any):
+    """Copy a host array onto a device of ``target`` and keep it there; returns a handle."""
+    return pool().put(value, target, **options)
+
+
+def metrics() -> list[dict]:
+    """One row per device in the pool: occupancy, utilisation, latency, memory."""
+    return pool().metrics()
+
+
+def monitor(interval: float | None = None):
+    """Show a live view of every device in the pool (updates in the background)."""
+    from .monitor import monitor as show
+
+    return show(pool(), interval)
+
+
+def panel(interval: float | None = None):
+    """The live pool monitor, docked in a JupyterLab side panel."""
+    from .monitor import panel as dock
+
+    return dock(pool(), interval)
+
+
 def register(source: str, language: str, **options: Any):
     """Register a kernel from source on the default pool; see :meth:`Pool.register`."""
     return pool().register(source, language, **options)
@@ -124,7 +150,7 @@ def unload_ipython_extension(ipython) -> None:
 
 
 __all__ = [
-    "TARGETS", "call", "register", "kernels", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
-    "KaasError", "KaasUsageError", "RemoteError", "TargetUnavailable", "VariableNotSendable",
+    "TARGETS", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
+    "KaasError", "KaasUsageError", "RemoteError", "StaleHandleError", "TargetUnavailable", "VariableNotSendable",
     "WorkerLost",
 ]

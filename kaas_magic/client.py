@@ -24,18 +24,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, TextIO
+from typing import Any, Callable, Iterable, Mapping, TextIO
 
 from . import config as kaas_config
 from . import serial
 from .errors import (
     KaasError,
     PoolNotRunning,
+    StaleHandleError,
     TargetUnavailable,
     VariableNotSendable,
     WorkerLost,
     rebuild_remote_exception,
 )
+from .handles import DeviceHandle, handles_in
 from .record import RunRecord, Timings
 from .targets import DEFAULT_BACKEND, READY_RESOURCE, TARGETS, Service, check_backend, check_target
 
@@ -78,6 +80,14 @@ class Pool:
         self._last_record: RunRecord | None = None
         self._counter = itertools.count(1)
         self._kernels: dict = {}  # kernels this client registered: name -> KernelSpec
+        # Names this client on shared workers: its kept buffers are its own.
+        self.client_id = uuid.uuid4().hex
+        self._to_free: dict[str, list[str]] = {}
+        self._release_lock = threading.Lock()
+        self._free_scheduled = False
+        # Calls running or queued per worker and service, as the workers last said (all
+        # clients' calls), and how many of ours were in flight then: for least-loaded routing.
+        self._load: dict[str, tuple[dict[str, int], int]] = {}
         self._closed = False
         self._comms = self._sync(self._start_comm_pool())
         self._register_plugin()
@@ -154,6 +164,30 @@ class Pool:
                 await self._refresh_routes()
             except Exception:  # scheduler briefly unreachable: keep the last table
                 pass
+            await self._refresh_load()
+
+    async def _refresh_load(self) -> None:
+        """Ask every ready worker how busy its services are (all clients' calls)."""
+
+        async def ask(address: str):
+            try:
+                load = await asyncio.wait_for(self._comms_call(address, "kaas_load"), timeout=2)
+            except Exception:
+                return
+            if isinstance(load, dict):
+                self._load[address] = (load, self._in_flight[address])
+
+        addresses = [r.address for r in self.routes() if r.ready]
+        await asyncio.gather(*(ask(a) for a in addresses))
+        for gone in set(self._load) - set(addresses):
+            self._load.pop(gone, None)
+
+    def _busy(self, address: str, service: Service) -> float:
+        """Calls running or queued on that worker's service: the last report from the
+        worker (everyone's calls), corrected for our own calls since."""
+        reported, ours_then = self._load.get(address, ({}, 0))
+        ours_now = self._in_flight[address]
+        return max(reported.get(service.resource, 0) - ours_then, 0) + ours_now
 
     def refresh(self) -> None:
         self._sync(self._refresh_routes())
@@ -186,7 +220,7 @@ class Pool:
             return (
                 _KIND_ORDER[service.kind],
                 service.backend != default,
-                self._in_flight[route.address] / max(concurrency, 1),
+                self._busy(route.address, service) / max(concurrency, 1),
                 random.random(),
             )
 
@@ -270,6 +304,8 @@ class Pool:
         stderr: TextIO | None = None,
         filename: str | None = None,
         line_offset: int = 0,
+        keep: bool = False,
+        progress: Callable[[str, RunRecord], None] | None = None,
     ) -> RunResult:
         """Run ``code`` on a warm worker serving ``target``.
 
@@ -280,6 +316,13 @@ class Pool:
         at top level) come back as host values. Print output is written to ``stdout`` /
         ``stderr`` (default: this process's) as it arrives. An exception in ``code`` is
         raised here with its original type and the remote traceback.
+
+        With ``keep``, array outputs stay on the worker's device and come back as
+        :class:`~kaas_magic.handles.DeviceHandle` objects; inputs that are handles make the
+        call go to the worker holding them, where they are used in place.
+
+        ``progress(state, record)`` is told, in this thread, each state of the call:
+        queued, sending, running, compiling (a kernel), receiving, then done or error.
         """
         from .cellcode import analyse
 
@@ -294,14 +337,17 @@ class Pool:
         output_names = list(outputs) if outputs is not None else list(info.writes)
         inputs = dict(inputs or {})
 
-        route, service, waited = self.route(target, backend, fallback, worker)
+        route, service, waited, inputs = self._route_with_data(target, backend, fallback, worker, inputs)
         record = RunRecord(
             call_id=call_id, target=target, backend=service.backend, kind=service.kind,
             worker=route.address, host=route.host, inputs=tuple(inputs),
             started_at=started_wall,
         )
         t_routed = time.perf_counter()
+        report = progress or _ignore
+        report("queued", record)
 
+        report("sending", record)
         serialized, record.bytes_in = _serialize_inputs(inputs)
         t_serialized = time.perf_counter()
 
@@ -315,11 +361,19 @@ class Pool:
             "outputs": output_names,
             "outputs_explicit": outputs_explicit,
             "kernels": [k.to_dict() for k in self._kernels.values()] if "kernels" in info.reads else [],
+            "client": self.client_id,
+            "keep": keep,
+            "progress": progress is not None,
         }
         self._in_flight[route.address] += 1
         try:
             sent_at = time.time()
-            reply, out = self._exchange(route.address, message, stdout or sys.stdout, stderr or sys.stderr)
+            reply, out = self._exchange(route.address, message, stdout or sys.stdout, stderr or sys.stderr,
+                                        lambda state: report(state, record))
+        except BaseException as e:
+            record.ok, record.error = False, type(e).__name__
+            report("cancelled" if isinstance(e, KeyboardInterrupt) else "error", record)
+            raise
         finally:
             self._in_flight[route.address] -= 1
         received_wall = time.time()
@@ -327,9 +381,12 @@ class Pool:
 
         result_outputs, deserialize_time = {}, 0.0
         if reply.get("ok"):
+            report("receiving", record)
             t = time.perf_counter()
             result_outputs, record.bytes_out, skipped = _deserialize_outputs(reply["outputs"])
             record.skipped = {**reply.get("skipped", {}), **skipped}
+            for name, kept in (reply.get("kept") or {}).items():
+                result_outputs[name] = self._handles(kept, route.address, service.resource, reply.get("device", ""))
             deserialize_time = time.perf_counter() - t
         t_end = time.perf_counter()
 
@@ -361,8 +418,89 @@ class Pool:
         if not record.ok:
             error = reply["error"]
             record.error = error["type"]
+            report("error", record)
             raise self._remote_exception(error, record)
+        report("done", record)
         return RunResult(result_outputs, record, *out)
+
+    # -- data kept on devices --
+
+    def _route_with_data(self, target, backend, fallback, worker, inputs: dict):
+        """Route a call; one whose inputs are kept on a worker goes to that worker (data
+        locality beats balance). Handles the chosen worker does not hold are fetched home
+        and sent as values."""
+        handles = [h for value in inputs.values() for h in handles_in(value)]
+        for h in handles:
+            self._check_handle(h)
+        home = None
+        if handles and worker is None:
+            held = collections.Counter()
+            for h in handles:
+                held[h.worker] += h.nbytes
+            home = held.most_common(1)[0][0]
+            try:
+                route, service, waited = self.route(target, backend, fallback, home, timeout=0)
+            except TargetUnavailable:  # that worker cannot serve the target: move the data
+                home = None
+        if home is None:
+            route, service, waited = self.route(target, backend, fallback, worker)
+        if any(h.worker != route.address for h in handles):
+            inputs = {name: _map_handles(value, lambda h: h if h.worker == route.address else h.get())
+                      for name, value in inputs.items()}
+        return route, service, waited, inputs
+
+    def _check_handle(self, handle: DeviceHandle) -> None:
+        if handle._pool() is not self:
+            raise StaleHandleError(f"{handle!r} belongs to another pool")
+        if handle.freed:
+            raise StaleHandleError(f"{handle!r} was freed")
+        if handle.worker not in {r.address for r in self.routes()}:
+            raise StaleHandleError(
+                f"{handle!r} lived on worker {handle.worker}, which has left the pool (it died or "
+                f"was stopped); its data is lost: compute it again"
+            )
+
+    def _handles(self, kept, worker: str, service: str, device: str):
+        if isinstance(kept, list):
+            return tuple(self._handles(k, worker, service, device) for k in kept)
+        return DeviceHandle(self, kept["id"], worker, service, device, kept)
+
+    def put(self, value, target: str = "cpu", *, backend: str | None = None, fallback: bool | None = None,
+            worker: str | None = None) -> DeviceHandle:
+        """Copy a host array onto a device of ``target`` and keep it there."""
+        result = self.run("__kept = to_device(__value)", target, inputs={"__value": value}, outputs=["__kept"],
+                          backend=backend, fallback=fallback, worker=worker, keep=True,
+                          stdout=io.StringIO(), filename="<kaas put>")
+        return result.outputs["__kept"]
+
+    def fetch(self, handle: DeviceHandle):
+        """Copy a kept array home (``handle.get()``)."""
+        service = Service.from_resource(handle.service)
+        result = self.run("__value = __handle", service.target, inputs={"__handle": handle}, outputs=["__value"],
+                          backend=service.backend, fallback=True, worker=handle.worker,
+                          stdout=io.StringIO(), filename="<kaas get>")
+        return result.outputs["__value"]
+
+    def _release(self, worker: str, id: str) -> None:
+        """Free a kept buffer; batched, sent from the event loop (this may run in __del__)."""
+        if self._closed:
+            return
+        with self._release_lock:
+            self._to_free.setdefault(worker, []).append(id)
+            if self._free_scheduled:
+                return
+            self._free_scheduled = True
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._free_pending()))
+
+    async def _free_pending(self) -> None:
+        with self._release_lock:
+            batches, self._to_free = self._to_free, {}
+            self._free_scheduled = False
+        for worker, ids in batches.items():
+            try:
+                await self._comms_call(worker, "kaas_free", client=self.client_id, ids=ids)
+            except Exception:  # the worker is gone, and its buffers with it
+                pass
 
     def _remote_exception(self, error: dict, record: RunRecord) -> BaseException:
         exc = error.get("exception")
@@ -380,7 +518,8 @@ class Pool:
             pass
         return exception
 
-    def _exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO):
+    def _exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO,
+                  on_state: Callable[[str], None]):
         """Send one call and relay its streamed output; runs in the caller's thread so
         that printing lands where the caller is (the right notebook cell)."""
         events: queue_module.SimpleQueue = queue_module.SimpleQueue()
@@ -413,6 +552,9 @@ class Pool:
             kind, payload = events.get()
             if kind == "stream":
                 for name, text in payload:
+                    if name == "state":
+                        on_state(text)
+                        continue
                     streams[name].write(text)
                     captured[name].append(text)
                 for s in streams.values():
@@ -482,9 +624,10 @@ class Pool:
         )
 
     def call(self, name: str, *args, target: str | None = None, backend: str | None = None,
-             fallback: bool | None = None, **kwargs) -> Any:
+             fallback: bool | None = None, keep: bool = False, **kwargs) -> Any:
         """Run kernel ``name`` with ``args`` on the best device that can, and return its
-        result as host values. Arguments are checked against the signature before launch."""
+        result as host values (``keep=True``: as handles to device buffers). Arguments are
+        checked against the signature before launch; handles among them are used in place."""
         from .kernelspec import bind
 
         specs = self._kernel_specs(name)
@@ -495,7 +638,7 @@ class Pool:
             f"__result = kernels.{name}(*__args, **__kwargs)", target,
             inputs={"__args": args, "__kwargs": kwargs}, outputs=["__result"],
             backend=spec.backend, fallback=True, stdout=io.StringIO(),
-            filename=f"<kaas call {name}>",
+            filename=f"<kaas call {name}>", keep=keep,
         )
         return result.outputs["__result"]
 
@@ -598,6 +741,25 @@ class Pool:
             workers=sorted(infos, key=lambda i: i.get("name", "")),
         )
 
+    def metrics(self) -> list[dict]:
+        """One row per device per worker: occupancy, utilisation over the last 10 s and
+        60 s, calls, median latency, memory, warm kernels (what the monitor shows).
+        Workers that do not answer within a second are left out."""
+
+        async def gather():
+            async def ask(address: str):
+                try:
+                    return await asyncio.wait_for(self._comms_call(address, "kaas_metrics"), timeout=1)
+                except Exception:
+                    return []
+
+            replies = await asyncio.gather(*(ask(r.address) for r in self.routes()))
+            # msgpack brings lists back as tuples
+            return [dict(row) for rows in replies if isinstance(rows, (list, tuple)) for row in rows]
+
+        rows = self._sync(gather(), timeout=5)
+        return sorted(rows, key=lambda r: (r["worker_name"], list(TARGETS).index(r["target"]), r["device"]))
+
     async def _comms_call(self, address: str, op: str, **kwargs):
         comm = await self._comms.connect(address)
         try:
@@ -616,8 +778,18 @@ class Pool:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         self._refresher.cancel()
+        if self.cluster is None:  # our kept buffers on shared workers go with us
+            async def free_everything():
+                await asyncio.gather(*(
+                    self._comms_call(r.address, "kaas_free", client=self.client_id, everything=True)
+                    for r in self.routes()), return_exceptions=True)
+
+            try:
+                self._sync(free_everything(), timeout=5)
+            except Exception:  # workers unreachable: their buffers are gone anyway
+                pass
+        self._closed = True
         try:
             self._sync(self._comms.close(), timeout=10)
         except Exception:
@@ -678,3 +850,13 @@ def _hostname() -> str:
 
         _HOST = socket.gethostname()
     return _HOST
+
+
+def _ignore(state: str, record: RunRecord) -> None:
+    pass
+
+
+def _map_handles(value: Any, convert: Callable[[DeviceHandle], Any]) -> Any:
+    from .backends.base import map_containers
+
+    return map_containers(value, lambda v: convert(v) if isinstance(v, DeviceHandle) else v)

@@ -42,6 +42,10 @@ class WorkerLost(KaasError, ConnectionError):
     """The worker running a call died or became unreachable."""
 
 
+class StaleHandleError(KaasError, LookupError):
+    """A device handle whose buffer is gone: freed, evicted, or its worker left the pool."""
+
+
 class PoolNotRunning(KaasError, RuntimeError):
     """An operation needs a pool and none is started or connected."""
 

@@ -1,7 +1,7 @@
 """IPython magics: a thin skin over :mod:`kaas_magic`'s Python API.
 
 ``%%kaas TARGET [options]`` runs the cell on the pool. ``%kaas COMMAND`` manages the pool:
-``start``, ``connect``, ``status``, ``last``, ``stop``. Options are declared once here and
+``start``, ``connect``, ``status``, ``last``, ``kernels``, ``monitor``, ``panel``, ``stop``. Options are declared once here and
 shared, so every magic spells them the same way.
 """
 
@@ -39,7 +39,9 @@ def run_options(func):
             argument("--in", dest="inputs", metavar="NAMES", help="comma-separated names to send (default: the names the cell reads)"),
             argument("--out", dest="outputs", metavar="NAMES", help="comma-separated names to bring back (default: the names the cell assigns)"),
             argument("--worker", "-w", metavar="ADDRESS", help="run on this worker (address or name)"),
-            argument("--quiet", "-q", action="store_true", help="show no run summary"),
+            argument("--keep", "-k", action="store_true",
+                     help="leave array results on the device as handles that later calls use in place"),
+            argument("--quiet", "-q", action="store_true", help="show no run view or summary"),
         ]
     ):
         func = decorator(func)
@@ -66,6 +68,8 @@ def _command_parser() -> MagicArgumentParser:
     sub.add_parser("status", help="workers, their targets and devices, calls in flight")
     sub.add_parser("last", help="the record of the latest run")
     sub.add_parser("kernels", help="registered kernels: signature, where compiled, compile count")
+    sub.add_parser("monitor", help="live view of every device in the pool: occupancy, utilisation, latency")
+    sub.add_parser("panel", help="the monitor, docked in a JupyterLab side panel")
     sub.add_parser("stop", help="close the pool (and the embedded cluster)")
     return parser
 
@@ -79,7 +83,8 @@ class KaasMagics(Magics):
     def kaas(self, line: str, cell: str | None = None):
         """Run a cell on the kaas pool (``%%kaas TARGET``) or manage it (``%kaas COMMAND``).
 
-        Targets: gpu, tpu, fpga, qpu, cpu. Commands: start, connect, status, last, stop.
+        Targets: gpu, tpu, fpga, qpu, cpu. Commands: start, connect, status, last, kernels,
+        monitor, panel, stop.
         """
         if cell is None:
             return self._command(line)
@@ -100,8 +105,11 @@ class KaasMagics(Magics):
             # magic_arguments splits like a shell but keeps the quotes around a value.
             args.register = args.register.strip().strip("'\"")
             return self._register(args, cell)
+        from .widgets import inline_view
+
         shell = self.shell
         filename = f"<kaas In[{shell.execution_count}]>"
+        view = None if args.quiet else inline_view()
         result = kaas.run_cell(
             cell,
             args.target,
@@ -114,10 +122,12 @@ class KaasMagics(Magics):
             worker=args.worker,
             filename=filename,
             line_offset=1,  # the %%kaas line is line 1 of the notebook cell
+            keep=args.keep,
+            progress=view.update if view is not None else None,
         )
         for name, reason in result.record.skipped.items():
             print(f"kaas: {name!r} not returned: {reason}", file=sys.stderr)
-        if not args.quiet:
+        if not args.quiet and view is None:
             from IPython.display import display
 
             display(result.record)
@@ -164,6 +174,12 @@ class KaasMagics(Magics):
             return kaas.last_run()
         if args.command == "kernels":
             return kaas.pool().kernels()
+        if args.command == "monitor":
+            kaas.monitor()
+            return None
+        if args.command == "panel":
+            kaas.panel()
+            return None
         if args.command == "stop":
             kaas.shutdown()
             print("kaas pool closed")

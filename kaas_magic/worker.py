@@ -33,13 +33,16 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from typing import Any, Callable
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import backends, serial
-from .backends.base import Offer, Session
+from . import backends, compile_cache, serial
+from .backends.base import Offer, Session, map_containers
 from .cellcode import padded
+from .device_slot import DeviceSlot
+from .handles import BufferStore, HandleRef, is_array
 from .targets import READY_RESOURCE
 
 logger = logging.getLogger("kaas_magic.worker")
@@ -86,6 +89,13 @@ def _route_std_streams() -> None:
         sys.stderr = _RoutedStream(sys.stderr, "stderr")
 
 
+def report_state(state: str) -> None:
+    """Tell the calling notebook what its call is doing now ("running", "compiling"), when
+    it asked to be told (a live view is showing the call)."""
+    if getattr(_current, "progress", False):
+        _current.sink("state", state)
+
+
 class _CallOutput:
     """Print output of one call, collected in the cell's thread and forwarded by the
     event loop. One wake-up per burst, not per write."""
@@ -119,9 +129,15 @@ class WorkerRuntime:
         self.loop = asyncio.get_running_loop()
         self.host = socket.gethostname()
         self.concurrency = int(config.get("pool", {}).get("concurrency", 4))
+        # Each device admits `concurrency` calls at once (its DeviceSlot); the pool of
+        # threads only needs to be large enough for all devices together.
         self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix="kaas-call"
+            max_workers=self.concurrency * 16, thread_name_prefix="kaas-call"
         )
+        self.slots: dict[str, DeviceSlot] = {}
+        self.buffers = BufferStore(self._keep_budget)
+        # Before any framework is imported: their on-disk caches go in the kaas cache folder.
+        compile_cache.prepare_environment(config)
         self.offers: dict[str, Offer] = {}
         self.sessions: dict[str, Session] = {}
         self.backend_state: dict[str, str] = {
@@ -211,21 +227,25 @@ class WorkerRuntime:
                 session, warm_wait = await self._session_for(msg["service"])
             except LookupError as e:
                 return {"kind": "result", "ok": False, "error": _error_payload(e, None)}
-            output = _CallOutput(self.loop)
-            job = functools.partial(self._execute, session, msg, output, time.perf_counter())
-            future = self.loop.run_in_executor(self.executor, job)
-            future.add_done_callback(lambda _: output.event.set())
-            while True:
-                await output.event.wait()
-                output.event.clear()
-                done = future.done()  # read before take(): no write can follow completion
-                chunks = output.take()
-                if chunks:
-                    await comm.write({"kind": "stream", "chunks": chunks})
-                if done:
-                    break
-            reply = future.result()
+            slot = self.slot(session)
+            async with slot.turn() as waited:
+                output = _CallOutput(self.loop)
+                job = functools.partial(self._execute, session, msg, output, time.perf_counter())
+                future = self.loop.run_in_executor(self.executor, job)
+                future.add_done_callback(lambda _: output.event.set())
+                while True:
+                    await output.event.wait()
+                    output.event.clear()
+                    done = future.done()  # read before take(): no write can follow completion
+                    chunks = output.take()
+                    if chunks:
+                        await comm.write({"kind": "stream", "chunks": chunks})
+                    if done:
+                        break
+                reply = future.result()
+            slot.finished(time.time() - received_at, reply["ok"])
             reply["timings"]["warm_wait"] = warm_wait
+            reply["timings"]["queue"] += waited
             reply.update(
                 kind="result",
                 worker=self.worker.address,
@@ -266,16 +286,22 @@ class WorkerRuntime:
         skipped: dict[str, str] = {}
         error = None
         kernels = None
+        kept: dict[str, Any] = {}
+        client = msg.get("client", "")
         _current.sink = output.write
+        _current.progress = bool(msg.get("progress"))
         try:
+            report_state("running")
             with session.activate():
                 code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
                 namespace = session.namespace()
                 kernels = KernelNamespace(self, session, msg.get("kernels") or ())
                 namespace["kernels"] = kernels
+                namespace["to_device"] = session.to_device
                 namespace["__name__"] = "__kaas__"
                 namespace["__builtins__"] = builtins
-                namespace.update(msg["inputs"])
+                for name, value in msg["inputs"].items():
+                    namespace[name] = self._resolve_handles(value, client, session)
                 t1 = time.perf_counter()
                 timings["setup"] = t1 - t0
                 try:
@@ -289,6 +315,9 @@ class WorkerRuntime:
                     if name not in namespace:
                         if msg.get("outputs_explicit"):
                             skipped[name] = "the cell did not assign it"
+                        continue
+                    if msg.get("keep") and _keepable(namespace[name]):
+                        kept[name] = self._keep(namespace[name], client, session)
                         continue
                     try:
                         outputs[name] = serial.dumps(self.to_host(namespace[name], session))
@@ -306,9 +335,55 @@ class WorkerRuntime:
             timings.setdefault("to_host", 0.0)
         finally:
             _current.sink = None
+            _current.progress = False
             sys.stdout.flush()
-        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error,
+        if error is not None:  # a failed call keeps nothing
+            self.buffers.free(client, [m["id"] for v in kept.values() for m in (v if isinstance(v, list) else [v])])
+            kept = {}
+        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "kept": kept,
                 "timings": timings, "kernels": kernels.states if kernels else {}}
+
+    # -- data kept on the device between calls --
+
+    def _resolve_handles(self, value: Any, client: str, session: Session) -> Any:
+        """Inputs that are handles become the kept device buffers they name, in place."""
+
+        def resolve(v: Any) -> Any:
+            if not isinstance(v, HandleRef):
+                return v
+            kept = self.buffers.get(client, v.id)
+            if kept.device_id != session.device_id:  # kept on another device of this worker
+                return self.to_host(kept.value, session)
+            return kept.value
+
+        return map_containers(value, resolve)
+
+    def _keep(self, value: Any, client: str, session: Session) -> dict | list:
+        if isinstance(value, (list, tuple)):
+            return [self._keep(v, client, session) for v in value]
+        id = uuid.uuid4().hex
+        self.buffers.put(client, id, value, session.device_id)
+        return {"id": id, "shape": list(value.shape), "dtype": str(value.dtype), "nbytes": int(value.nbytes),
+                "type": f"{type(value).__module__}.{type(value).__qualname__}"}
+
+    def _keep_budget(self, device_id: str) -> int:
+        configured = (self.config.get("keep") or {}).get("max-bytes")
+        if configured:
+            return int(configured)
+        session = next((s for s in self.sessions.values() if s.device_id == device_id), None)
+        total = session.memory()[1] if session is not None else None
+        return int(total * 0.5) if total else 2**31
+
+    async def handle_free(self, client: str = "", ids=(), everything: bool = False) -> int:
+        if everything:  # the client closed its pool
+            return self.buffers.free_client(client)
+        return self.buffers.free(client, ids)
+
+    def slot(self, session: Session) -> DeviceSlot:
+        slot = self.slots.get(session.device_id)
+        if slot is None:
+            slot = self.slots[session.device_id] = DeviceSlot(session.device_id, self.concurrency)
+        return slot
 
     def to_host(self, value: Any, session: Session) -> Any:
         """Device arrays of any backend on this worker (a cell may call kernels of another
@@ -386,6 +461,64 @@ class WorkerRuntime:
     async def handle_info(self) -> dict:
         return self.info()
 
+    async def handle_load(self) -> dict[str, int]:
+        """Calls running or queued per service: what clients balance on. Kept tiny, as
+        every client asks every worker about once a second."""
+        return {resource: self.slot(session).load() for resource, session in self.sessions.items()}
+
+    async def handle_metrics(self) -> list[dict]:
+        return self.metrics()
+
+    def metrics(self) -> list[dict]:
+        """One row per device on this worker, for the pool monitor."""
+        by_device: dict[str, list[tuple[str, Session]]] = {}
+        for resource, session in self.sessions.items():
+            by_device.setdefault(session.device_id, []).append((resource, session))
+        rows = []
+        for device_id, members in by_device.items():
+            members.sort(key=lambda m: (_KIND_RANK[m[1].offer.service.kind], m[1].offer.service.target))
+            session = members[0][1]
+            service = session.offer.service
+            slot = self.slot(session)
+            try:
+                memory_used, memory_total = session.memory()
+            except Exception:  # a backend that cannot tell right now
+                memory_used, memory_total = None, None
+            stats = session._kernel_stats
+            rows.append({
+                "worker": self.worker.address,
+                "worker_name": str(self.worker.name),
+                "host": self.host,
+                "device_id": device_id,
+                "target": service.target,
+                "backend": service.backend,
+                "kind": service.kind,
+                "device": session.device,
+                "services": [r for r, _ in members],
+                "concurrency": slot.concurrency,
+                "in_flight": slot.in_flight,
+                "queued": slot.queued,
+                "busy_10s": slot.busy_fraction(10.0),
+                "busy_60s": slot.busy_fraction(60.0),
+                "calls": slot.calls,
+                "errors": slot.errors,
+                "median_latency_s": slot.median_latency(),
+                "memory_used": memory_used,
+                "memory_total": memory_total,
+                "kept_bytes": self.buffers.bytes_on(device_id),
+                "warm_kernels": sorted(n for n, st in stats.items() if st["compiles"] + st["disk_loads"] + st["cache_hits"]),
+            })
+        return rows
+
+
+_KIND_RANK = {"device": 0, "simulator": 1, "fallback": 2}
+
+
+def _keepable(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(is_array(v) for v in value)
+    return is_array(value)
+
 
 def _error_payload(exc: BaseException, filename: str | None) -> dict:
     """What the client needs to rebuild ``exc``: the instance when it survives pickling,
@@ -447,7 +580,7 @@ class KernelNamespace:
 
     def _compile(self, name: str) -> str:
         spec, session = self._session_for(name)
-        _, how = session.kernel(spec)
+        _, how = session.kernel(spec, report=report_state)
         self.states[name] = how
         return how
 
@@ -457,7 +590,7 @@ class KernelNamespace:
 
         def call(*args, **kwargs):
             spec, session = self._session_for(name)
-            result, how = session.call_kernel(spec, args, kwargs)
+            result, how = session.call_kernel(spec, args, kwargs, report=report_state)
             self.states.setdefault(name, how)
             return result
 
@@ -484,6 +617,9 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
     worker.extensions[EXTENSION] = runtime
     worker.handlers["kaas_run"] = runtime.handle_run
     worker.handlers["kaas_info"] = runtime.handle_info
+    worker.handlers["kaas_load"] = runtime.handle_load
+    worker.handlers["kaas_metrics"] = runtime.handle_metrics
+    worker.handlers["kaas_free"] = runtime.handle_free
     return runtime
 
 

@@ -12,7 +12,20 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture(scope="session")
-def pool():
+def cache_dir(tmp_path_factory):
+    """A kaas cache folder of the test session's own, so "compiled" vs "disk" is known."""
+    import dask.config
+
+    from kaas_magic import config
+
+    config.get("cache")  # merges kaas.yaml into Dask's config first
+    path = tmp_path_factory.mktemp("kaas-cache")
+    dask.config.set({"kaas.cache.dir": str(path)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def pool(cache_dir):
     import kaas_magic
     from kaas_magic.client import Pool
 

@@ -14,8 +14,9 @@ import copy
 import os
 import platform
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 from ..targets import Service
 
@@ -41,6 +42,8 @@ class Session:
         self._kernels: dict[str, Any] = {}
         self._kernels_lock = threading.Lock()
         self._kernel_stats: dict[str, dict] = {}
+        # Names the device, not the label: relabelled copies share it (Backend.open).
+        self.device_id = f"{offer.service.backend}:{offer.service.index}:{offer.device}"
 
     @property
     def device(self) -> str:
@@ -66,46 +69,89 @@ class Session:
     def close(self) -> None:
         pass
 
+    def to_device(self, value: Any) -> Any:
+        """``value`` (a host array) copied onto this device: what ``kaas.put`` keeps."""
+        return value
+
+    def memory(self) -> tuple[int | None, int | None]:
+        """(bytes used, bytes total) of the device, where the backend can tell."""
+        return None, self.offer.detail.get("memory_total")
+
     # -- registered kernels: compiled once per (kernel, device, options), then warm --
 
     languages: ClassVar[tuple[str, ...]] = ()
+    # JAX compiles per input shape on a kernel's first call, not when it is built: such a
+    # session reports how each call went from launch() (see launch_state).
+    compiles_on_call: ClassVar[bool] = False
 
-    def kernel(self, spec) -> tuple[Any, str]:
-        """The compiled form of ``spec`` on this device, and how it was had: "warm" (already
-        in memory), or "compiled"."""
+    def kernel(self, spec, report: Callable[[str], None] | None = None) -> tuple[Any, str]:
+        """The compiled form of ``spec`` on this device, and how it was had: "warm" (in
+        memory), "disk" (loaded from the kaas cache folder) or "compiled". ``report`` is
+        told when compiling starts and ends (a live view shows it)."""
         stats = self.kernel_stats(spec)
         with self._kernels_lock:
             compiled = self._kernels.get(spec.digest)
             if compiled is not None:
-                stats["cache_hits"] += 1
-                return compiled, "warm"
-            compiled = self.build(spec)
-            self._kernels[spec.digest] = compiled
-            stats["compiles"] += 1
-            return compiled, "compiled"
+                how = "warm"
+            else:
+                if report is not None:
+                    report("compiling")
+                compiled, how = self.load_or_build(spec)
+                if report is not None:
+                    report("running")
+                self._kernels[spec.digest] = compiled
+            if not self.compiles_on_call:
+                stats[_STAT_OF[how]] += 1
+            return compiled, how
+
+    def load_or_build(self, spec) -> tuple[Any, str]:
+        cached = self.load_cached(spec)
+        if cached is not None:
+            return cached, "disk"
+        compiled = self.build(spec)
+        self.store_cached(spec, compiled)
+        return compiled, "compiled"
+
+    def load_cached(self, spec) -> Any | None:
+        """The compiled form from the disk cache, or None."""
+        return None
+
+    def store_cached(self, spec, compiled) -> None:
+        """Save the compiled form to the disk cache."""
 
     def kernel_stats(self, spec) -> dict:
         return self._kernel_stats.setdefault(
-            spec.name, {"language": spec.language, "calls": 0, "compiles": 0, "cache_hits": 0, "execute_s": 0.0}
+            spec.name,
+            {"language": spec.language, "calls": 0, "compiles": 0, "disk_loads": 0, "cache_hits": 0,
+             "execute_s": 0.0},
         )
 
-    def call_kernel(self, spec, args: tuple, kwargs: dict) -> tuple[Any, str]:
+    def call_kernel(self, spec, args: tuple, kwargs: dict,
+                    report: Callable[[str], None] | None = None) -> tuple[Any, str]:
         """Run a registered kernel here; results stay on the device (to_host brings them home)."""
-        import time
-
-        compiled, how = self.kernel(spec)
+        compiled, how = self.kernel(spec, report)
         started = time.perf_counter()
         result = self.launch(spec, compiled, args, kwargs)
         stats = self.kernel_stats(spec)
+        if self.compiles_on_call:
+            how = self.launch_state()
+            stats[_STAT_OF[how]] += 1
         stats["calls"] += 1
         stats["execute_s"] += time.perf_counter() - started
         return result, how
+
+    def launch_state(self) -> str:
+        """For compiles_on_call sessions: how the calling thread's last launch was had."""
+        return "warm"
 
     def build(self, spec) -> Any:
         raise NotImplementedError(f"{type(self).__name__} cannot build {spec.language} kernels")
 
     def launch(self, spec, compiled, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
+
+
+_STAT_OF = {"warm": "cache_hits", "disk": "disk_loads", "compiled": "compiles"}
 
 
 class Backend:

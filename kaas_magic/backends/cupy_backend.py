@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from ..compile_cache import DiskCache
 from ..targets import Service
 from .base import Backend, Offer, Session, map_containers
 
@@ -22,6 +23,7 @@ class CupySession(Session):
         with cupy.cuda.Device(self.index):
             # Creates the context, the memory pool and loads an elementwise kernel.
             (cupy.arange(1024, dtype=cupy.float32) * 2).sum().get()
+        self._disk = DiskCache(self.config, "cupy-kernels")
 
     def namespace(self) -> dict[str, Any]:
         import cupy
@@ -41,6 +43,22 @@ class CupySession(Session):
         cupy.cuda.get_current_stream().synchronize()
 
     languages = ("cuda",)
+
+    # CuPy keeps compiled kernels in CUPY_CACHE_DIR (inside the kaas cache folder); a
+    # marker beside them says this kernel was compiled for this device before, so the
+    # next worker's build is a load from that cache.
+    def _marker_key(self, spec) -> str:
+        import cupy
+
+        return DiskCache.key(self.device, cupy.__version__, spec.digest, spec.options)
+
+    def load_cached(self, spec):
+        if self._disk.load(self._marker_key(spec)) is None:
+            return None
+        return self.build(spec)
+
+    def store_cached(self, spec, kernel) -> None:
+        self._disk.store(self._marker_key(spec), b"compiled")
 
     def build(self, spec):
         import cupy
@@ -76,6 +94,19 @@ class CupySession(Session):
             run=run,
         )
         return result[0] if spec.post == "sum" else result
+
+    def to_device(self, value: Any) -> Any:
+        import cupy
+
+        with cupy.cuda.Device(self.index):
+            return cupy.asarray(value)
+
+    def memory(self) -> tuple[int | None, int | None]:
+        import cupy
+
+        with cupy.cuda.Device(self.index):
+            free, total = cupy.cuda.runtime.memGetInfo()
+        return total - free, total
 
     def to_host(self, value: Any) -> Any:
         import cupy

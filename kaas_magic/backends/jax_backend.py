@@ -4,9 +4,12 @@ XLA accelerator), JAX on the CPU for ``cpu --backend jax``, and the stand-in for
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 from typing import Any, Iterator
 
+from ..compile_cache import cache_root
 from ..targets import Service
 from .base import Backend, Offer, Session, cpu_name, map_containers
 
@@ -20,6 +23,26 @@ def _import_jax():
     return jax
 
 
+# Which XLA compiles the calling thread's jit calls were served from the persistent cache:
+# JAX tells through its monitoring events, in the thread that compiles.
+_disk_hits = threading.local()
+
+
+def _count_disk_hits(event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _disk_hits.count = getattr(_disk_hits, "count", 0) + 1
+
+
+@functools.cache
+def _enable_persistent_cache(folder: str) -> None:
+    jax = _import_jax()
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # Cache every kernel: fine-grained tasks compile fast, which is why a cache pays.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.monitoring.register_event_listener(_count_disk_hits)
+
+
 class JaxSession(Session):
     injected = ("xp", "device", "jax")
 
@@ -30,6 +53,8 @@ class JaxSession(Session):
 
     def warm_up(self) -> None:
         jax = _import_jax()
+        _enable_persistent_cache(str(cache_root(self.config) / "jax"))
+        self._launch = threading.local()
         self._device = self._jax_device()
         with jax.default_device(self._device):
             f = jax.jit(lambda a: jax.numpy.tanh(a @ a).sum())
@@ -50,6 +75,7 @@ class JaxSession(Session):
         jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
 
     languages = ("jax",)
+    compiles_on_call = True
 
     def build(self, spec):
         jax = _import_jax()
@@ -70,8 +96,26 @@ class JaxSession(Session):
         if spec.params is not None:
             bound = bind(spec, args, kwargs)
             args, kwargs = tuple(bound.values[p.name] for p in spec.params), {}
+        compiled_before = jitted._cache_size()
+        disk_before = getattr(_disk_hits, "count", 0)
         with self.activate():
-            return jitted(*args, **kwargs)
+            result = jitted(*args, **kwargs)
+        if jitted._cache_size() == compiled_before:
+            self._launch.state = "warm"
+        else:
+            self._launch.state = "disk" if getattr(_disk_hits, "count", 0) > disk_before else "compiled"
+        return result
+
+    def launch_state(self) -> str:
+        return getattr(self._launch, "state", "warm")
+
+    def to_device(self, value: Any) -> Any:
+        jax = _import_jax()
+        return jax.device_put(value, self._device)
+
+    def memory(self) -> tuple[int | None, int | None]:
+        stats = self._device.memory_stats() or {}
+        return stats.get("bytes_in_use"), stats.get("bytes_limit")
 
     def to_host(self, value: Any) -> Any:
         jax = _import_jax()

@@ -7,6 +7,7 @@ import re
 import threading
 from typing import Any
 
+from ..compile_cache import DiskCache
 from ..targets import Service
 from .base import Backend, Offer, Session, map_containers
 
@@ -27,6 +28,7 @@ class OpenCLSession(Session):
         # A command queue per worker thread: cells run concurrently, and one in-order
         # queue shared by threads would serialise them (and clFinish would wait for all).
         self._local = threading.local()
+        self._disk = DiskCache(self.config, "opencl")
         program = cl.Program(self.context, _WARM_UP_SOURCE).build()
         buf = cl_array.to_device(self.queue, numpy.zeros(64, dtype=numpy.float32))
         # PoCL compiles very slowly when the runtime picks the work-group size: pass it.
@@ -60,6 +62,34 @@ class OpenCLSession(Session):
         self.queue.finish()
 
     languages = ("opencl",)
+
+    def _binary_key(self, spec) -> str:
+        import pyopencl as cl
+
+        from ..compile_cache import DiskCache
+
+        dev = self.context.devices[0]
+        return DiskCache.key(dev.platform.name, dev.name, dev.driver_version, cl.VERSION_TEXT,
+                             spec.digest, spec.options)
+
+    def load_cached(self, spec):
+        """A program binary saved by an earlier worker on this device, if any."""
+        import pyopencl as cl
+
+        binary = self._disk.load(self._binary_key(spec))
+        if binary is None:
+            return None
+        try:
+            return cl.Program(self.context, self.context.devices, [binary]).build(options=list(spec.options))
+        except cl.Error:  # stale or foreign binary: rebuild from source
+            return None
+
+    def store_cached(self, spec, program) -> None:
+        import pyopencl as cl
+
+        binaries = program.get_info(cl.program_info.BINARIES)
+        if binaries and binaries[0]:
+            self._disk.store(self._binary_key(spec), bytes(binaries[0]))
 
     def build(self, spec):
         import pyopencl as cl
@@ -102,6 +132,12 @@ class OpenCLSession(Session):
             run=run,
         )
         return result.get()[0] if spec.post == "sum" else result
+
+    def to_device(self, value: Any) -> Any:
+        import numpy
+        import pyopencl.array as cl_array
+
+        return cl_array.to_device(self.queue, numpy.ascontiguousarray(value))
 
     def to_host(self, value: Any) -> Any:
         import pyopencl.array as cl_array

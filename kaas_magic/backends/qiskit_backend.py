@@ -8,9 +8,11 @@ builds one pass manager once and also caches transpiled circuits by their struct
 from __future__ import annotations
 
 import collections
+import pickle
 import threading
 from typing import Any
 
+from ..compile_cache import DiskCache
 from ..targets import Service
 from .base import Backend, Offer, Session
 
@@ -40,6 +42,12 @@ class QiskitSession(Session):
             optimization_level=int(qpu.get("optimization-level", 1)), backend=self.backend
         )
         self._lock = threading.Lock()
+        # Transpiled circuits survive a worker restart: pickled, keyed by the backend, the
+        # pass manager's settings and qiskit's version.
+        import qiskit
+
+        self._disk = DiskCache(self.config, "qiskit")
+        self._backend_identity = (self.backend.name, qpu.get("optimization-level", 1), qiskit.__version__)
         self._transpiled: collections.OrderedDict = collections.OrderedDict()
         self.stats = {"transpile_hits": 0, "transpile_misses": 0}
         if self._sampler is None:  # never spend real QPU time on a warm-up
@@ -86,6 +94,10 @@ class QiskitSession(Session):
 
     def transpile(self, circuit):
         """Transpile for this session's backend, reusing one pass manager and a cache."""
+        return self._transpile(circuit)[0]
+
+    def _transpile(self, circuit) -> tuple[Any, str]:
+        """(transpiled circuit, how it was had: "warm", "disk" or "compiled")."""
         circuit = self._as_circuit(circuit)
         limit = self.backend.num_qubits
         if limit is not None and circuit.num_qubits > limit:
@@ -99,13 +111,27 @@ class QiskitSession(Session):
             if cached is not None:
                 self._transpiled.move_to_end(key)
                 self.stats["transpile_hits"] += 1
-                return cached
+                return cached, "warm"
+        disk_key = DiskCache.key(self._backend_identity, repr(key))
+        transpiled, how = self._load_transpiled(disk_key), "disk"
+        if transpiled is None:
+            transpiled, how = self.pass_manager.run(circuit), "compiled"
+            self._disk.store(disk_key, pickle.dumps(transpiled))
+        with self._lock:
             self.stats["transpile_misses"] += 1
-            transpiled = self.pass_manager.run(circuit)
             self._transpiled[key] = transpiled
             if len(self._transpiled) > self._CACHE_SIZE:
                 self._transpiled.popitem(last=False)
-            return transpiled
+        return transpiled, how
+
+    def _load_transpiled(self, disk_key: str):
+        data = self._disk.load(disk_key)
+        if data is None:
+            return None
+        try:
+            return pickle.loads(data)
+        except Exception:  # written by another qiskit: transpile again
+            return None
 
     def run(self, circuit, shots: int | None = None) -> dict[str, int]:
         """Run a circuit (or OpenQASM text) and return its measurement counts."""
@@ -124,15 +150,18 @@ class QiskitSession(Session):
 
     languages = ("qiskit",)
 
+    def load_or_build(self, spec) -> tuple[Any, str]:
+        """OpenQASM: the circuit, transpiled now (or loaded transpiled from the disk cache).
+        Python: the circuit-building function; its circuits are transpiled per call."""
+        if "OPENQASM" in spec.source and "def " not in spec.source:
+            circuit = self._as_circuit(spec.source)
+            return circuit, self._transpile(circuit)[1]
+        return self.build(spec), "compiled"
+
     def build(self, spec):
-        """OpenQASM: the circuit, transpiled once. Python: the circuit-building function."""
         from ..cellcode import padded
         from ..kernelspec import KernelError
 
-        if "OPENQASM" in spec.source and "def " not in spec.source:
-            circuit = self._as_circuit(spec.source)
-            self.transpile(circuit)  # warms the transpile cache for later calls
-            return circuit
         namespace: dict[str, Any] = {"__name__": f"kaas_kernel_{spec.name}"}
         exec(compile(padded(spec.source, spec.line_offset), f"<kernel {spec.name}>", "exec"), namespace)
         builder = namespace.get(spec.name)
