@@ -21,9 +21,11 @@ def _load_defaults() -> None:
     with open(_DEFAULTS) as f:
         defaults = yaml.safe_load(f)
     dask.config.update_defaults(defaults)
-    # update_defaults does not re-read the environment: DASK_KAAS__* variables set
-    # before import must still win over the file.
-    dask.config.refresh()
+    # DASK_KAAS__* variables set after dask was imported must still win over the file;
+    # re-read only those (a full refresh() would drop values set with dask.config.set).
+    env = dask.config.collect_env()
+    if "kaas" in env:
+        dask.config.update(dask.config.config, {"kaas": env["kaas"]}, priority="new")
 
 
 def get(key: str, default: Any = None) -> Any:

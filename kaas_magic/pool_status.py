@@ -78,9 +78,13 @@ class KernelTable:
             rows.append({
                 "name": spec.name, "language": spec.language, "origin": spec.origin,
                 "targets": ",".join(spec.targets), "signature": spec.signature(),
-                "compiled_on": sorted({f"{c['worker']}:{c['device']}" for c in where if c["compiles"] or c["cache_hits"]}),
+                "compiled_on": sorted({f"{c['worker']}:{c['device']}" for c in where
+                                       if c["compiles"] or c.get("disk_loads") or c["cache_hits"]}),
                 "compiles": sum(c["compiles"] for c in where),
+                "disk_loads": sum(c.get("disk_loads", 0) for c in where),
+                "cache_hits": sum(c["cache_hits"] for c in where),
                 "calls": sum(c["calls"] for c in where),
+                "mean_execute_ms": (1e3 * sum(c["execute_s"] for c in where) / max(1, sum(c["calls"] for c in where))),
             })
         return rows
 
@@ -88,7 +92,9 @@ class KernelTable:
         lines = []
         for r in self.rows():
             lines.append(f"{r['name']:<12} {r['language']:<7} {r['origin']:<8} [{r['targets']}] "
-                         f"compiles={r['compiles']} calls={r['calls']}\n    {r['signature']}"
+                         f"compiles={r['compiles']} disk={r['disk_loads']} warm={r['cache_hits']} calls={r['calls']}"
+                         + (f" mean {r['mean_execute_ms']:.2f} ms" if r["calls"] else "")
+                         + f"\n    {r['signature']}"
                          + "".join(f"\n    compiled on {w}" for w in r["compiled_on"]))
         return "\n".join(lines)
 
