@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from . import config  # cheap: reads Dask's config only when first asked
 from .errors import (
     KaasError, KaasUsageError, RemoteError, StaleHandleError, TargetUnavailable, VariableNotSendable, WorkerLost,
 )

@@ -39,7 +39,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main
+    if args.which == "kernels":
+        from .bench_kernels import main
+    else:
+        from .bench import main
 
     return main(args)
 
@@ -65,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured in one run")
-    bench.add_argument("which", choices=["overhead"], help="overhead: per-call cost against Dask, ipyparallel and a Pipe")
+    bench.add_argument("which", choices=["overhead", "kernels"],
+                       help="overhead: per-call cost against Dask, ipyparallel and a Pipe; "
+                            "kernels: warm kernel calls and a kept-data chain against in-process calls")
     bench.add_argument("--calls", type=int, default=300, help="calls per measurement")
     bench.add_argument("--no-ipyparallel", action="store_true", help="skip ipyparallel even if installed")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")

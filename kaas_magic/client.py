@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import io
 import itertools
 import os
@@ -655,11 +656,19 @@ class Pool:
                                 targets=(target,) if target else (), line_offset=line_offset)
         previous = self._kernels.get(spec.name)
         self._kernels[spec.name] = spec
+        compile_here = dict(code=f"__how = kernels._compile({spec.name!r})", target=None, outputs=["__how"],
+                            backend=spec.backend, fallback=True, stdout=io.StringIO(),
+                            filename=f"<kaas register {spec.name}>")
         try:
-            chosen, target = self._route_kernel([spec], target, None, fallback)
-            result = self.run(f"__how = kernels._compile({spec.name!r})", target, outputs=["__how"],
-                              backend=spec.backend, fallback=True, stdout=io.StringIO(),
-                              filename=f"<kaas register {spec.name}>")
+            chosen, compile_here["target"] = self._route_kernel([spec], target, None, fallback)
+            result = self.run(**compile_here)
+            # Then on every other worker that could serve its calls, at once, so that no
+            # call pays for a compile.
+            others = {route.address for route, service, _ in self._candidates(
+                compile_here["target"], spec.backend, True, None)} - {result.record.worker}
+            if others:
+                with concurrent.futures.ThreadPoolExecutor(len(others)) as ex:
+                    list(ex.map(lambda w: self.run(**compile_here, worker=w), sorted(others)))
         except BaseException:
             if previous is None:
                 del self._kernels[spec.name]

@@ -41,7 +41,7 @@ STATE_COLOURS = {
     "receiving": "#7c3aed", "done": "#047857", "error": "#b91c1c", "cancelled": "#92400e",
 }
 KIND_COLOURS = {"fallback": "#b45309", "simulator": "#6d28d9"}
-WARMTH_COLOURS = {"cold": "#1d4ed8", "disk-cached": "#0e7490", "warm": "#b45309"}
+WARMTH_COLOURS = {"cold": "#1d4ed8", "disk-cached": "#0e7490", "warm": "#65a30d"}
 
 
 def format_duration(seconds: float) -> str:

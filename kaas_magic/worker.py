@@ -511,6 +511,7 @@ class WorkerRuntime:
         return rows
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _KIND_RANK = {"device": 0, "simulator": 1, "fallback": 2}
 
 
@@ -526,6 +527,8 @@ def _error_payload(exc: BaseException, filename: str | None) -> dict:
     frames = traceback.extract_tb(exc.__traceback__)
     start = next((i for i, f in enumerate(frames) if f.filename == filename), None)
     frames = frames[start:] if start is not None else frames[-1:]
+    # kaas's own frames between the cell and a kernel say nothing to the user.
+    frames = [f for f in frames if not f.filename.startswith(_PACKAGE_DIR)] or frames[-1:]
     try:
         exc_copy = exc.with_traceback(None)
         pickled = pickle.loads(pickle.dumps(exc_copy))  # proves it round-trips

@@ -37,3 +37,15 @@ def test_quickstart_runs_and_shows_real_results():
     assert "FALLBACK" in shown and "SIMULATOR" in shown
     assert "caught ZeroDivisionError from tcp://127.0.0.1:" in shown and "at cell line 3" in shown
     assert "kaas pool (embedded LocalCluster)" in shown
+
+
+@pytest.mark.timeout(600)
+def test_kernels_notebook_registers_calls_and_chains():
+    nb = execute("02-kernels.ipynb")
+    shown = "\n".join(text_of(c) for c in nb.cells if c.cell_type == "code")
+    for line in ("scale ok", "gelu ok", "ghz ok", "chain ok", "cell chain ok"):
+        assert line in shown
+    assert "kernel state: {'scale': 'warm'}" in shown  # registration compiled it already
+    assert "KernelArgumentError - kernel 'vector_add': argument 'a' has dtype float64, expected float32" in shown
+    assert "<kaas handle float32[1000000] on CPU stand-in for fpga" in shown
+    assert "registered gelu(...) [jax]" in shown and "registered scale(a: float32[n], out: out float32[n], k: float32)" in shown

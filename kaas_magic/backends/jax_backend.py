@@ -81,7 +81,9 @@ class JaxSession(Session):
         jax = _import_jax()
         from ..cellcode import padded
 
-        namespace: dict[str, Any] = {"__name__": f"kaas_kernel_{spec.name}"}
+        # The names a JAX cell has are there for a JAX kernel too.
+        namespace: dict[str, Any] = {"__name__": f"kaas_kernel_{spec.name}", "jax": jax, "jnp": jax.numpy,
+                                     "xp": jax.numpy}
         exec(compile(padded(spec.source, spec.line_offset), f"<kernel {spec.name}>", "exec"), namespace)
         function = namespace.get(spec.name)
         if not callable(function):

@@ -1,0 +1,259 @@
+"""``kaas bench kernels``: registered kernels through the warm pool against the same
+kernels called in this process, measured in one run on one machine.
+
+1. A warm ``kaas.call("vector_add", a, b)`` on 1e5 float32 values against the floor: the
+   same OpenCL kernel on the same OpenCL device, called in this process by hand with
+   PyOpenCL (upload, launch, download), plus the cost of moving its arguments between two
+   processes (a, b there and the result back over a bare loopback TCP socket).
+2. A chain of three kernels on 16 MiB arrays (vector_add, saxpy, then reduce_sum to one
+   number), starting from data already on the device: with ``keep`` (handles, nothing
+   copied between the calls), in-process by hand, and without ``keep`` (every
+   intermediate comes home and goes back).
+
+The device is the ``fpga`` target; on a machine without an FPGA that is PoCL's CPU device
+(the stand-in, marked as such in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import socket
+import statistics
+import struct
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .bench import WARMUP, _header
+
+SMALL_N = 100_000
+CHAIN_N = 4 * 2**20  # 16 MiB of float32
+
+
+def _median_ms(call: Callable[[], Any], n: int) -> float:
+    for _ in range(min(WARMUP, n)):
+        call()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+class InProcess:
+    """The library's OpenCL kernels on PoCL's CPU device, in this process, by hand."""
+
+    def __init__(self):
+        import pyopencl as cl
+
+        from .kernelspec import load_library
+
+        platform = next(p for p in cl.get_platforms() if "Portable" in p.name)
+        self.ctx = cl.Context(platform.get_devices(cl.device_type.CPU)[:1])
+        self.queue = cl.CommandQueue(self.ctx)
+        library = load_library()
+        source = "\n".join(next(s for s in library[k] if s.language == "opencl").source
+                           for k in ("vector_add", "saxpy", "reduce_sum"))
+        self.program = cl.Program(self.ctx, source).build()
+        self.kernels = {k: cl.Kernel(self.program, k) for k in ("vector_add", "saxpy", "reduce_sum")}
+
+    def upload(self, a: np.ndarray):
+        import pyopencl.array as cl_array
+
+        return cl_array.to_device(self.queue, a)
+
+    def vector_add(self, a, b):
+        import pyopencl.array as cl_array
+
+        out = cl_array.empty_like(a)
+        self.kernels["vector_add"](self.queue, (_round(a.size, 64),), (64,), a.data, b.data, out.data, np.int32(a.size))
+        return out
+
+    def saxpy(self, alpha: float, x, y):
+        import pyopencl.array as cl_array
+
+        out = cl_array.empty_like(x)
+        self.kernels["saxpy"](self.queue, (_round(x.size, 64),), (64,), np.float32(alpha), x.data, y.data,
+                              out.data, np.int32(x.size))
+        return out
+
+    def reduce_sum(self, a) -> float:
+        import pyopencl.array as cl_array
+
+        while a.size > 1:
+            groups = -(-a.size // 256)
+            partial = cl_array.empty(self.queue, groups, np.float32)
+            self.kernels["reduce_sum"](self.queue, (groups * 256,), (256,), a.data, partial.data, np.int32(a.size))
+            a = partial
+        return float(a.get()[0])
+
+
+def _round(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _echo_server(port_out) -> None:
+    """Child process: read a length-prefixed message, answer with ``reply`` bytes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port_out.send(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray(64 * 2**20)
+    while True:
+        header = _recv_exactly(conn, memoryview(bytearray(16)))
+        size, reply = struct.unpack("<QQ", header)
+        if size == 0:
+            return
+        _recv_exactly(conn, memoryview(buffer)[:size])
+        conn.sendall(memoryview(buffer)[:reply])
+
+
+def _recv_exactly(conn, view: memoryview) -> memoryview:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("echo peer closed")
+        got += n
+    return view
+
+
+class MoveFloor:
+    """The cost of moving bytes to another process and back over loopback TCP, with no
+    framework in the way: the transfer part of any remote call's floor."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_echo_server, args=(child,), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reply = memoryview(bytearray(64 * 2**20))
+
+    def round_trip(self, send: list[np.ndarray], reply_bytes: int) -> None:
+        size = sum(a.nbytes for a in send)
+        self.sock.sendall(struct.pack("<QQ", size, reply_bytes))
+        for a in send:
+            self.sock.sendall(memoryview(a).cast("B"))
+        _recv_exactly(self.sock, self.reply[:reply_bytes])
+
+    def close(self) -> None:
+        self.sock.sendall(struct.pack("<QQ", 0, 0))
+        self.proc.join(10)
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    from .client import Pool
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(SMALL_N, dtype=np.float32), rng.random(SMALL_N, dtype=np.float32)
+    ca, cb = rng.random(CHAIN_N, dtype=np.float32), rng.random(CHAIN_N, dtype=np.float32)
+    expected_chain = float(np.sum(2.0 * (ca.astype(np.float64) + cb) + cb))
+    n, chain_n = args.calls, max(10, args.calls // 10)
+    sink = io.StringIO()
+    lines: list[str] = []
+
+    print("starting the kaas pool (1 worker) ...", file=sys.stderr, flush=True)
+    pool = Pool.start(1)
+    try:
+        pool.wait_ready()
+        call = lambda name, *xs, **kw: pool.call(name, *xs, target="fpga", fallback=True, **kw)  # noqa: E731
+        np.testing.assert_allclose(call("vector_add", a, b), a + b, rtol=1e-6)
+        device = pool.last_run().label()
+        local = InProcess()
+        np.testing.assert_allclose(local.vector_add(local.upload(a), local.upload(b)).get(), a + b, rtol=1e-6)
+
+        floor_link = MoveFloor()
+        try:
+            move = _median_ms(lambda: floor_link.round_trip([a, b], a.nbytes), n)
+        finally:
+            floor_link.close()
+
+        print("  measuring vector_add ...", file=sys.stderr, flush=True)
+        floor = _median_ms(lambda: local.vector_add(local.upload(a), local.upload(b)).get(), n)
+        warm = _median_ms(lambda: call("vector_add", a, b), n)
+        ka, kb = pool.put(a, "fpga", fallback=True), pool.put(b, "fpga", fallback=True)
+        da, db = local.upload(a), local.upload(b)
+        kept = _median_ms(lambda: call("vector_add", ka, kb, keep=True), n)
+        kept_floor = _median_ms(lambda: (local.vector_add(da, db), local.queue.finish()), n)
+
+        print("  measuring the 3-kernel chain on 16 MiB ...", file=sys.stderr, flush=True)
+        kca, kcb = pool.put(ca, "fpga", fallback=True), pool.put(cb, "fpga", fallback=True)
+        dca, dcb = local.upload(ca), local.upload(cb)
+
+        def chain_keep():
+            total = call("vector_add", kca, kcb, keep=True)
+            scaled = call("saxpy", 2.0, total, kcb, keep=True)
+            return call("reduce_sum", scaled)
+
+        def chain_in_one_cell():
+            cell = "s = kernels.reduce_sum(kernels.saxpy(2.0, kernels.vector_add(a, b), b))"
+            return pool.run(cell, "fpga", inputs={"a": kca, "b": kcb}, fallback=True, stdout=sink).outputs["s"]
+
+        def chain_local():
+            return local.reduce_sum(local.saxpy(2.0, local.vector_add(dca, dcb), dcb))
+
+        def chain_no_keep():
+            total = call("vector_add", ca, cb)
+            scaled = call("saxpy", 2.0, total, cb)
+            return call("reduce_sum", scaled)
+
+        for chain in (chain_keep, chain_in_one_cell, chain_local, chain_no_keep):
+            got = float(chain())
+            if abs(got - expected_chain) > 1e-3 * abs(expected_chain):
+                raise RuntimeError(f"{chain.__name__} gave {got}, expected {expected_chain}")
+        t_keep = _median_ms(chain_keep, chain_n)
+        t_cell = _median_ms(chain_in_one_cell, chain_n)
+        t_local = _median_ms(chain_local, chain_n)
+        t_no_keep = _median_ms(chain_no_keep, chain_n)
+    finally:
+        pool.close()
+
+    over = warm - floor - move
+    lines += [
+        f"device: {device}",
+        "",
+        f"vector_add, 1e5 float32 ({n} calls each, median ms)",
+        f"  in-process by hand (PyOpenCL: upload, launch, download)   {floor:8.3f}",
+        f"  moving its arguments between processes (bare TCP socket)  {move:8.3f}",
+        f"  kaas.call, warm                                           {warm:8.3f}",
+        f"  kaas overhead beyond floor + moving the arguments        {over:8.3f}"
+        f"  -> target (<= 1 ms) {'MET' if over <= 1.0 else 'NOT MET'}",
+        f"  inputs kept on the device: kaas.call with handles, keep  {kept:8.3f}"
+        f"  (in-process launch alone {kept_floor:.3f})",
+        "",
+        f"chain vector_add -> saxpy -> reduce_sum on 16 MiB float32, inputs on the device ({chain_n} runs each, median ms)",
+        f"  in-process by hand                                        {t_local:8.3f}",
+        f"  kaas with keep (handles between the calls)                {t_keep:8.3f}"
+        f"  = {t_keep / t_local:.2f}x in-process -> target (<= 1.3x) {'MET' if t_keep <= 1.3 * t_local else 'NOT MET'}",
+        f"  kaas, the three kernels in one %%kaas cell on the handles {t_cell:8.3f}  = {t_cell / t_local:.2f}x in-process",
+        f"  kaas without keep (every intermediate comes home)         {t_no_keep:8.3f}"
+        f"  = {t_no_keep / t_local:.2f}x in-process, {t_no_keep / t_keep:.1f}x with keep",
+    ]
+    if args.markdown:
+        lines += [
+            "",
+            "| measurement | median ms | ratio / verdict |",
+            "|---|---:|---|",
+            f"| vector_add 1e5, in-process by hand (floor) | {floor:.3f} | |",
+            f"| moving its arguments (bare loopback TCP round trip) | {move:.3f} | |",
+            f"| vector_add 1e5, warm `kaas.call` | {warm:.3f} | overhead {over:.3f} ms: {'MET' if over <= 1.0 else 'NOT MET'} (<= 1 ms) |",
+            f"| vector_add 1e5, inputs kept on the device | {kept:.3f} | |",
+            f"| 3-kernel chain 16 MiB, in-process | {t_local:.3f} | 1.00x |",
+            f"| 3-kernel chain 16 MiB, kaas with keep | {t_keep:.3f} | {t_keep / t_local:.2f}x: {'MET' if t_keep <= 1.3 * t_local else 'NOT MET'} (<= 1.3x) |",
+            f"| 3-kernel chain 16 MiB, one `%%kaas` cell on the handles | {t_cell:.3f} | {t_cell / t_local:.2f}x |",
+            f"| 3-kernel chain 16 MiB, kaas without keep | {t_no_keep:.3f} | {t_no_keep / t_local:.2f}x |",
+        ]
+    return lines
+
+
+def main(args: argparse.Namespace) -> int:
+    print("\n".join(_header(args.calls)), flush=True)
+    print("\n".join(run(args)))
+    return 0
