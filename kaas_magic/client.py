@@ -89,6 +89,7 @@ class Pool:
         # Calls running or queued per worker and service, as the workers last said (all
         # clients' calls), and how many of ours were in flight then: for least-loaded routing.
         self._load: dict[str, tuple[dict[str, int], int]] = {}
+        self._dead: dict[str, float] = {}  # workers seen dying: address -> when
         self._closed = False
         self._comms = self._sync(self._start_comm_pool())
         self._register_plugin()
@@ -132,7 +133,8 @@ class Pool:
 
         # Our own pool so replies are *not* deserialised by the comm: outputs and
         # exceptions are rebuilt one by one, and one bad value cannot lose the others.
-        pool = ConnectionPool(deserialize=False, connection_args=self.client.connection_args)
+        # A short connect timeout: a worker that does not answer in 5 s is dead to a notebook.
+        pool = ConnectionPool(deserialize=False, connection_args=self.client.connection_args, timeout=5)
         await pool.start()
         return pool
 
@@ -195,7 +197,15 @@ class Pool:
 
     def routes(self) -> list[WorkerRoute]:
         with self._routes_lock:
-            return list(self._routes.values())
+            return [r for a, r in self._routes.items() if a not in self._dead]
+
+    def _forget_worker(self, address: str) -> None:
+        """A worker died (or is being replaced): route nothing more to it. The scheduler may
+        list it a while longer; its replacement comes back under a new address."""
+        with self._routes_lock:
+            self._dead[address] = time.monotonic()
+            for gone in [a for a, t in self._dead.items() if time.monotonic() - t > 600]:
+                del self._dead[gone]
 
     def _candidates(self, target: str, backend: str | None, fallback: bool, worker: str | None):
         found = []
@@ -307,6 +317,8 @@ class Pool:
         line_offset: int = 0,
         keep: bool = False,
         progress: Callable[[str, RunRecord], None] | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
     ) -> RunResult:
         """Run ``code`` on a warm worker serving ``target``.
 
@@ -324,11 +336,21 @@ class Pool:
 
         ``progress(state, record)`` is told, in this thread, each state of the call:
         queued, sending, running, compiling (a kernel), receiving, then done or error.
+
+        ``timeout`` (default ``kaas.timeout``) bounds the seconds the code may run: past it
+        the call fails with :class:`CallTimeout`, the code is stopped, and a worker that
+        cannot stop it is replaced. Interrupting this call (Ctrl-C, the notebook's stop
+        button) stops the remote code too. ``retries`` re-runs the call elsewhere when its
+        worker dies under it; only ask for it when running the code twice is safe.
         """
         from .cellcode import analyse
 
         if self._closed:
             raise PoolNotRunning("this pool is closed; start or connect a new one")
+        if timeout is None:
+            timeout = kaas_config.get("timeout")
+        if timeout is not None and float(timeout) <= 0:
+            raise KaasError(f"timeout must be a positive number of seconds, got {timeout!r}")
         started_wall = time.time()
         t_start = time.perf_counter()
         call_id = f"{os.getpid()}-{next(self._counter)}-{uuid.uuid4().hex[:6]}"
@@ -363,22 +385,38 @@ class Pool:
             "outputs_explicit": outputs_explicit,
             "kernels": [k.to_dict() for k in self._kernels.values()] if "kernels" in info.reads else [],
             "client": self.client_id,
+            "call_id": call_id,
+            "timeout": float(timeout) if timeout is not None else None,
             "keep": keep,
             "progress": progress is not None,
         }
-        self._in_flight[route.address] += 1
-        try:
-            sent_at = time.time()
-            reply, out = self._exchange(route.address, message, stdout or sys.stdout, stderr or sys.stderr,
-                                        lambda state: report(state, record))
-        except BaseException as e:
-            record.ok, record.error = False, type(e).__name__
-            report("cancelled" if isinstance(e, KeyboardInterrupt) else "error", record)
-            raise
-        finally:
-            self._in_flight[route.address] -= 1
+        while True:
+            self._in_flight[route.address] += 1
+            try:
+                sent_at = time.time()
+                reply, out = self._exchange(route.address, message, stdout or sys.stdout, stderr or sys.stderr,
+                                            lambda state: report(state, record))
+                break
+            except WorkerLost as e:
+                # Kept inputs died with the worker: nothing to retry with.
+                if retries <= 0 or any(True for v in inputs.values() for _ in handles_in(v)):
+                    record.ok, record.error = False, type(e).__name__
+                    report("error", record)
+                    raise
+                retries -= 1
+                route, service = self._reroute_after_loss(route.address, target, backend, fallback, worker)
+                record.worker, record.host = route.address, route.host
+                message["service"] = service.resource
+            except BaseException as e:
+                record.ok, record.error = False, type(e).__name__
+                report("cancelled" if isinstance(e, KeyboardInterrupt) else "error", record)
+                raise
+            finally:
+                self._in_flight[route.address] -= 1
         received_wall = time.time()
         t_received = time.perf_counter()
+        if reply.get("worker_exiting"):
+            self._forget_worker(route.address)
 
         result_outputs, deserialize_time = {}, 0.0
         if reply.get("ok"):
@@ -423,6 +461,18 @@ class Pool:
             raise self._remote_exception(error, record)
         report("done", record)
         return RunResult(result_outputs, record, *out)
+
+    def _reroute_after_loss(self, dead: str, target, backend, fallback, worker):
+        """After a worker died under a call: wait until the scheduler has noticed, then
+        route again (to a survivor, or the dead worker's replacement)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self.refresh()
+            if dead not in {r.address for r in self.routes()}:
+                break
+            time.sleep(0.2)
+        route, service, _ = self.route(target, backend, fallback, worker)
+        return route, service
 
     # -- data kept on devices --
 
@@ -550,7 +600,10 @@ class Pool:
         captured = {"stdout": [], "stderr": []}
         streams = {"stdout": stdout, "stderr": stderr}
         while True:
-            kind, payload = events.get()
+            try:
+                kind, payload = events.get()
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(self._cancel_remote(address, message["call_id"], events)) from None
             if kind == "stream":
                 for name, text in payload:
                     if name == "state":
@@ -561,9 +614,12 @@ class Pool:
                 for s in streams.values():
                     s.flush()
             elif kind == "lost":
+                self._forget_worker(address)
                 raise WorkerLost(
-                    f"lost the connection to worker {address} while running the call "
-                    f"({type(payload).__name__}: {payload}); the worker may have died"
+                    f"worker {address} died (or became unreachable) while running this call "
+                    f"({type(payload).__name__}: {payload}). The pool replaces dead workers and calls "
+                    f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
+                    f"if running it twice is safe"
                 ) from payload
             else:
                 break
@@ -573,6 +629,23 @@ class Pool:
             text = payload.get("text") if isinstance(payload, dict) else payload
             raise KaasError(f"worker {address} could not accept the call: {text}")
         return payload, ("".join(captured["stdout"]), "".join(captured["stderr"]))
+
+    def _cancel_remote(self, address: str, call_id: str, events: queue_module.SimpleQueue) -> None:
+        """The notebook was interrupted during a call: stop the code on the worker too, and
+        give it about a second to confirm before handing the interrupt back."""
+        try:
+            self._sync(self._comms_call(address, "kaas_cancel", call_id=call_id, reason="interrupt"), timeout=2)
+            while True:
+                kind, payload = events.get(timeout=1.5)
+                if kind != "stream":
+                    break
+            if kind == "reply" and isinstance(payload, dict) and payload.get("error"):
+                if payload.get("worker_exiting"):
+                    self._forget_worker(address)
+                return f"kaas: {payload['error']['message']}"
+        except Exception:  # unreachable worker or slow stop: the worker escalates by itself
+            pass
+        return f"kaas: interrupted; asked worker {address} to stop the cell"
 
     # -- registered kernels --
 
@@ -625,7 +698,8 @@ class Pool:
         )
 
     def call(self, name: str, *args, target: str | None = None, backend: str | None = None,
-             fallback: bool | None = None, keep: bool = False, **kwargs) -> Any:
+             fallback: bool | None = None, keep: bool = False, timeout: float | None = None,
+             **kwargs) -> Any:
         """Run kernel ``name`` with ``args`` on the best device that can, and return its
         result as host values (``keep=True``: as handles to device buffers). Arguments are
         checked against the signature before launch; handles among them are used in place."""
@@ -639,7 +713,7 @@ class Pool:
             f"__result = kernels.{name}(*__args, **__kwargs)", target,
             inputs={"__args": args, "__kwargs": kwargs}, outputs=["__result"],
             backend=spec.backend, fallback=True, stdout=io.StringIO(),
-            filename=f"<kaas call {name}>", keep=keep,
+            filename=f"<kaas call {name}>", keep=keep, timeout=timeout,
         )
         return result.outputs["__result"]
 

@@ -46,6 +46,18 @@ class StaleHandleError(KaasError, LookupError):
     """A device handle whose buffer is gone: freed, evicted, or its worker left the pool."""
 
 
+class CallTimeout(KaasError, TimeoutError):
+    """A call ran past its timeout and was stopped (or its worker replaced)."""
+
+
+class DeviceOutOfMemory(KaasError, MemoryError):
+    """A device could not allocate what a call asked for; the worker goes on serving."""
+
+
+class SchedulerLost(KaasError, ConnectionError):
+    """The Dask scheduler of a connected pool cannot be reached."""
+
+
 class PoolNotRunning(KaasError, RuntimeError):
     """An operation needs a pool and none is started or connected."""
 

@@ -39,6 +39,10 @@ def run_options(func):
             argument("--in", dest="inputs", metavar="NAMES", help="comma-separated names to send (default: the names the cell reads)"),
             argument("--out", dest="outputs", metavar="NAMES", help="comma-separated names to bring back (default: the names the cell assigns)"),
             argument("--worker", "-w", metavar="ADDRESS", help="run on this worker (address or name)"),
+            argument("--timeout", "-t", type=float, metavar="SECONDS",
+                     help="stop the cell after this many seconds (default: kaas.timeout)"),
+            argument("--retries", type=int, default=0, metavar="N",
+                     help="run again elsewhere if the worker dies (only if running twice is safe)"),
             argument("--keep", "-k", action="store_true",
                      help="leave array results on the device as handles that later calls use in place"),
             argument("--quiet", "-q", action="store_true", help="show no run view or summary"),
@@ -123,6 +127,8 @@ class KaasMagics(Magics):
             filename=filename,
             line_offset=1,  # the %%kaas line is line 1 of the notebook cell
             keep=args.keep,
+            timeout=args.timeout,
+            retries=args.retries,
             progress=view.update if view is not None else None,
         )
         for name, reason in result.record.skipped.items():

@@ -42,7 +42,9 @@ from . import backends, compile_cache, serial
 from .backends.base import Offer, Session, map_containers
 from .cellcode import padded
 from .device_slot import DeviceSlot
+from .errors import CallTimeout, DeviceOutOfMemory
 from .handles import BufferStore, HandleRef, is_array
+from .stopping import RunningCall
 from .targets import READY_RESOURCE
 
 logger = logging.getLogger("kaas_magic.worker")
@@ -135,6 +137,7 @@ class WorkerRuntime:
             max_workers=self.concurrency * 16, thread_name_prefix="kaas-call"
         )
         self.slots: dict[str, DeviceSlot] = {}
+        self.running: dict[str, tuple[RunningCall, _CallOutput]] = {}
         self.buffers = BufferStore(self._keep_budget)
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
@@ -228,21 +231,29 @@ class WorkerRuntime:
             except LookupError as e:
                 return {"kind": "result", "ok": False, "error": _error_payload(e, None)}
             slot = self.slot(session)
+            call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
             async with slot.turn() as waited:
                 output = _CallOutput(self.loop)
-                job = functools.partial(self._execute, session, msg, output, time.perf_counter())
+                job = functools.partial(self._execute, session, msg, output, time.perf_counter(), call)
                 future = self.loop.run_in_executor(self.executor, job)
                 future.add_done_callback(lambda _: output.event.set())
-                while True:
-                    await output.event.wait()
-                    output.event.clear()
-                    done = future.done()  # read before take(): no write can follow completion
-                    chunks = output.take()
-                    if chunks:
-                        await comm.write({"kind": "stream", "chunks": chunks})
-                    if done:
-                        break
-                reply = future.result()
+                self.running[call.id] = (call, output)
+                timer = self.loop.call_later(call.timeout, self._stop, call.id, "timeout") if call.timeout else None
+                try:
+                    while True:
+                        await output.event.wait()
+                        output.event.clear()
+                        done = future.done()  # read before take(): no write can follow completion
+                        chunks = output.take()
+                        if chunks:
+                            await comm.write({"kind": "stream", "chunks": chunks})
+                        if done or call.abandoned:
+                            break
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                    self.running.pop(call.id, None)
+                reply = future.result() if done else self._abandoned_reply(call)
             slot.finished(time.time() - received_at, reply["ok"])
             reply["timings"]["warm_wait"] = warm_wait
             reply["timings"]["queue"] += waited
@@ -261,6 +272,39 @@ class WorkerRuntime:
         finally:
             self.in_flight -= 1
 
+    # -- stopping calls: timeouts and interrupts --
+
+    GRACE = 1.0  # seconds a stopped cell has to end before its worker is replaced
+
+    def _stop(self, call_id: str, reason: str) -> bool:
+        entry = self.running.get(call_id)
+        if entry is None:
+            return False
+        call, output = entry
+        call.stop(reason)
+        self.loop.call_later(self.GRACE, self._escalate, call, output)
+        return True
+
+    def _escalate(self, call: RunningCall, output: _CallOutput) -> None:
+        """The cell did not stop: answer its caller, then let the nanny replace this process
+        (no other way ends a thread stuck in native code)."""
+        if call.id not in self.running:
+            return
+        call.abandoned = True
+        output.event.set()
+        logger.error("kaas call %s did not stop within %.1f s of its %s; replacing worker %s",
+                     call.id, self.GRACE, call.reason, self.worker.address)
+        self.loop.call_later(0.5, os._exit, 75)
+
+    def _abandoned_reply(self, call: RunningCall) -> dict:
+        error = _error_payload(_stop_error(call, self.worker.address, replaced=True), None)
+        timings = {"queue": 0.0, "setup": 0.0, "execute": call.timeout or 0.0, "to_host": 0.0}
+        return {"ok": False, "outputs": {}, "skipped": {}, "error": error, "kept": {}, "timings": timings,
+                "kernels": {}, "worker_exiting": True}
+
+    async def handle_cancel(self, call_id: str = "", reason: str = "interrupt") -> bool:
+        return self._stop(call_id, reason)
+
     def _compile(self, source: str, filename: str, line_offset: int):
         key = (source, filename, line_offset)
         with self._code_lock:
@@ -278,7 +322,8 @@ class WorkerRuntime:
                 self._code_cache.popitem(last=False)
         return code
 
-    def _execute(self, session: Session, msg: dict, output: _CallOutput, enqueued: float) -> dict:
+    def _execute(self, session: Session, msg: dict, output: _CallOutput, enqueued: float,
+                 call: RunningCall) -> dict:
         """Runs in a kaas-call thread."""
         t0 = time.perf_counter()
         timings = {"queue": t0 - enqueued}
@@ -305,10 +350,13 @@ class WorkerRuntime:
                 t1 = time.perf_counter()
                 timings["setup"] = t1 - t0
                 try:
+                    call.enter_user_code()
                     exec(code, namespace)
                     names = [n for n in msg["outputs"] if n in namespace]
                     session.synchronize([namespace[n] for n in names])
+                    call.leave_user_code()
                 finally:
+                    call.leave_user_code()
                     t2 = time.perf_counter()
                     timings["execute"] = t2 - t1
                 for name in msg["outputs"]:
@@ -329,6 +377,10 @@ class WorkerRuntime:
                         )
                 timings["to_host"] = time.perf_counter() - t2
         except BaseException as e:
+            if call.reason is not None:  # stopped on purpose: say why, not where it was hit
+                e = _stop_error(call, self.worker.address, replaced=False)
+            elif _is_out_of_memory(e):
+                e = _out_of_memory_error(e, session)
             error = _error_payload(e, msg["filename"])
             timings.setdefault("setup", time.perf_counter() - t0)
             timings.setdefault("execute", 0.0)
@@ -511,6 +563,36 @@ class WorkerRuntime:
         return rows
 
 
+def _stop_error(call: RunningCall, worker: str, replaced: bool) -> BaseException:
+    how = (f"it did not stop within {WorkerRuntime.GRACE:.0f} s, so worker {worker} is being replaced "
+           f"by a fresh one" if replaced else f"it was stopped in place on worker {worker}; the worker goes on")
+    if call.reason == "timeout":
+        return CallTimeout(f"the cell ran past its timeout of {call.timeout:g} s: {how}")
+    return KeyboardInterrupt(f"interrupted from the notebook: {how}")
+
+
+_OOM_NAMES = ("OutOfMemoryError", "MemoryError", "RESOURCE_EXHAUSTED", "MEM_OBJECT_ALLOCATION_FAILURE",
+              "OUT_OF_RESOURCES")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError from NumPy or PyOpenCL, CuPy's OutOfMemoryError, XLA's RESOURCE_EXHAUSTED."""
+    text = f"{type(exc).__name__} {exc}"
+    return isinstance(exc, MemoryError) or any(name in text for name in _OOM_NAMES)
+
+
+def _out_of_memory_error(exc: BaseException, session: Session) -> DeviceOutOfMemory:
+    try:
+        used, total = session.memory()
+    except Exception:
+        used, total = None, None
+    known = f" ({used / 2**20:,.0f} MiB of {total / 2**20:,.0f} MiB in use)" if used and total else ""
+    return DeviceOutOfMemory(
+        f"{session.device} ran out of memory{known}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
+        f"The worker goes on serving; free kept buffers or use smaller pieces."
+    )
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _KIND_RANK = {"device": 0, "simulator": 1, "fallback": 2}
 
@@ -623,6 +705,7 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
     worker.handlers["kaas_load"] = runtime.handle_load
     worker.handlers["kaas_metrics"] = runtime.handle_metrics
     worker.handlers["kaas_free"] = runtime.handle_free
+    worker.handlers["kaas_cancel"] = runtime.handle_cancel
     return runtime
 
 
