@@ -340,6 +340,11 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict, *, shape_of=np.shape, dtyp
                 given[p.name] = dims[p.name]
             else:
                 raise KernelArgumentError(f"kernel {spec.name!r}: missing scalar argument {p.name!r} ({p})")
+        if np.ndim(given[p.name]) != 0:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: argument {p.name!r} must be a scalar ({p}), got an array of shape "
+                f"{tuple(np.shape(given[p.name]))}"
+            )
         given[p.name] = np.dtype(p.dtype).type(given[p.name])
         if p.name not in dims and np.issubdtype(np.dtype(p.dtype), np.integer):
             dims[p.name] = int(given[p.name])
