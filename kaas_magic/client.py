@@ -32,6 +32,8 @@ from . import serial
 from .errors import (
     KaasError,
     PoolNotRunning,
+    SchedulerLost,
+    SchedulerUnreachable,
     StaleHandleError,
     TargetUnavailable,
     VariableNotSendable,
@@ -72,6 +74,7 @@ class Pool:
         self.client = client
         self.cluster = cluster
         self.loop: asyncio.AbstractEventLoop = client.loop.asyncio_loop
+        self._scheduler_address: str = client.scheduler.address  # kept: the client forgets it when lost
         self._routes: dict[str, WorkerRoute] = {}
         self._routes_lock = threading.Lock()
         self._routes_updated = threading.Event()
@@ -90,6 +93,8 @@ class Pool:
         # clients' calls), and how many of ours were in flight then: for least-loaded routing.
         self._load: dict[str, tuple[dict[str, int], int]] = {}
         self._dead: dict[str, float] = {}  # workers seen dying: address -> when
+        self._scheduler_lost_since: float | None = None
+        self._scheduler_error: BaseException | None = None
         self._closed = False
         self._comms = self._sync(self._start_comm_pool())
         self._register_plugin()
@@ -120,7 +125,16 @@ class Pool:
         """Use an existing Dask scheduler (any deployment: jobqueue, Kubernetes, Gateway)."""
         from distributed import Client
 
-        client = Client(address, security=security, timeout=timeout, set_as_default=False)
+        try:
+            client = Client(address, security=security, timeout=timeout, set_as_default=False)
+        except Exception as e:
+            hint = ""
+            if address.startswith("tls://"):
+                hint = (" A tls:// scheduler needs security=distributed.security.Security(tls_ca_file=..., "
+                        "tls_client_cert=..., tls_client_key=...) with a certificate its CA signed.")
+            raise SchedulerUnreachable(
+                f"could not connect to the Dask scheduler at {address}: {type(e).__name__}: {e}.{hint}"
+            ) from e
         return cls(client)
 
     def _register_plugin(self) -> None:
@@ -144,7 +158,14 @@ class Pool:
     # -- routing table, refreshed in the background from the scheduler --
 
     async def _refresh_routes(self) -> None:
-        identity = await self.client.scheduler.identity()
+        try:
+            identity = await asyncio.wait_for(self.client.scheduler.identity(), timeout=5)
+        except Exception as e:
+            if self._scheduler_lost_since is None:
+                self._scheduler_lost_since = time.monotonic()
+            self._scheduler_error = e
+            raise
+        self._scheduler_lost_since = None
         routes: dict[str, WorkerRoute] = {}
         for address, info in identity.get("workers", {}).items():
             route = WorkerRoute(address, str(info.get("name", address)), info.get("host", ""))
@@ -192,8 +213,27 @@ class Pool:
         ours_now = self._in_flight[address]
         return max(reported.get(service.resource, 0) - ours_then, 0) + ours_now
 
+    def _scheduler_lost(self) -> bool:
+        """The scheduler stopped answering: the client says so, or refreshes failed for a
+        few seconds (one slow answer on a busy machine is not a loss)."""
+        if self._scheduler_lost_since is None:
+            return False
+        return self.client.status != "running" or time.monotonic() - self._scheduler_lost_since > 3
+
+    def _lost_scheduler_error(self) -> SchedulerLost:
+        return SchedulerLost(
+            f"lost the Dask scheduler at {self.scheduler_address} "
+            f"({type(self._scheduler_error).__name__}: {self._scheduler_error}); calls cannot be routed. "
+            f"Once it is back, run %kaas connect {self.scheduler_address} "
+            f"(kaas.connect({self.scheduler_address!r}))"
+        )
+
     def refresh(self) -> None:
-        self._sync(self._refresh_routes())
+        """Read the routing table from the scheduler now."""
+        try:
+            self._sync(self._refresh_routes())
+        except Exception as e:
+            raise self._lost_scheduler_error() from e
 
     def routes(self) -> list[WorkerRoute]:
         with self._routes_lock:
@@ -258,7 +298,7 @@ class Pool:
                 raise self._unavailable(target, backend, fallback, worker)
             waited = True
             self._routes_updated.clear()
-            self._sync(self._refresh_routes())
+            self.refresh()
             if not self._choose(target, backend, fallback, worker):
                 time.sleep(0.05)
 
@@ -347,6 +387,8 @@ class Pool:
 
         if self._closed:
             raise PoolNotRunning("this pool is closed; start or connect a new one")
+        if self._scheduler_lost():
+            raise self._lost_scheduler_error()
         if timeout is None:
             timeout = kaas_config.get("timeout")
         if timeout is not None and float(timeout) <= 0:
@@ -398,6 +440,8 @@ class Pool:
                                             lambda state: report(state, record))
                 break
             except WorkerLost as e:
+                if self.cluster is None and not self._scheduler_answers():
+                    raise self._lost_scheduler_error() from e  # the worker went with its scheduler
                 # Kept inputs died with the worker: nothing to retry with.
                 if retries <= 0 or any(True for v in inputs.values() for _ in handles_in(v)):
                     record.ok, record.error = False, type(e).__name__
@@ -461,6 +505,13 @@ class Pool:
             raise self._remote_exception(error, record)
         report("done", record)
         return RunResult(result_outputs, record, *out)
+
+    def _scheduler_answers(self) -> bool:
+        try:
+            self._sync(self._refresh_routes(), timeout=10)
+            return True
+        except Exception:
+            return False
 
     def _reroute_after_loss(self, dead: str, target, backend, fallback, worker):
         """After a worker died under a call: wait until the scheduler has noticed, then
@@ -819,7 +870,7 @@ class Pool:
                         "error": f"{type(e).__name__}: {e}", "services": [], "backends": {}}
             infos.append(info)
         return PoolStatus(
-            scheduler=self.client.scheduler.address,
+            scheduler=self.scheduler_address,
             embedded=self.cluster is not None,
             workers=sorted(infos, key=lambda i: i.get("name", "")),
         )
@@ -856,7 +907,7 @@ class Pool:
 
     @property
     def scheduler_address(self) -> str:
-        return self.client.scheduler.address
+        return self._scheduler_address
 
     def close(self) -> None:
         if self._closed:

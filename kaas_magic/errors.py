@@ -54,8 +54,12 @@ class DeviceOutOfMemory(KaasError, MemoryError):
     """A device could not allocate what a call asked for; the worker goes on serving."""
 
 
-class SchedulerLost(KaasError, ConnectionError):
-    """The Dask scheduler of a connected pool cannot be reached."""
+class SchedulerUnreachable(KaasError, ConnectionError):
+    """No Dask scheduler answers at the address (or it refused us: TLS, certificates)."""
+
+
+class SchedulerLost(SchedulerUnreachable):
+    """The Dask scheduler of a connected pool stopped answering."""
 
 
 class PoolNotRunning(KaasError, RuntimeError):

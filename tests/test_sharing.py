@@ -54,3 +54,41 @@ def test_calls_go_to_the_least_loaded_worker_across_clients(pool):
         assert placed == [idle] * 6
     finally:
         other_client.close()
+
+
+def test_each_client_has_its_own_namespace_on_shared_workers(pool):
+    import numpy as np
+    import pytest
+
+    from kaas_magic import StaleHandleError
+    from kaas_magic.handles import DeviceHandle
+    from kaas_magic.kernelspec import KernelError
+
+    stranger = Pool.connect(pool.scheduler_address)
+    try:
+        owner_source = "__kernel void owners_only(__global float *a) { a[get_global_id(0)] *= 2.0f; }"
+        pool.register(owner_source, "opencl", signature="owners_only(a: inout float32[n])", target="fpga",
+                      fallback=True)
+        secret = pool.put(np.arange(4, dtype=np.float32), "cpu")
+        pool.run("secret_value = 42", "cpu", worker=secret.worker, stdout=io.StringIO())
+
+        # Another notebook cannot call the owner's kernel, by name or from a cell ...
+        with pytest.raises(KernelError, match="unknown kernel 'owners_only'"):
+            stranger.call("owners_only", np.ones(4, np.float32), target="fpga", fallback=True)
+        with pytest.raises(KernelError, match="unknown kernel 'owners_only'"):
+            stranger.run("kernels.owners_only(x)", "fpga", inputs={"x": np.ones(4, np.float32)}, fallback=True,
+                         stdout=io.StringIO())
+        # ... nor use the owner's buffer, even knowing its id and worker ...
+        meta = {"shape": [4], "dtype": "float32", "nbytes": 16}
+        forged = DeviceHandle(stranger, secret.id, secret.worker, secret.service, secret.device, meta)
+        with pytest.raises(StaleHandleError, match="not available"):
+            forged.get()
+        forged.freed = True
+        # ... nor see the owner's variables: every call starts from a clean namespace.
+        with pytest.raises(NameError, match="secret_value"):
+            stranger.run("y = secret_value", "cpu", worker=secret.worker, stdout=io.StringIO())
+        # The shipped library is shared by all.
+        np.testing.assert_allclose(stranger.call("vector_add", np.ones(3, np.float32), np.ones(3, np.float32)), 2.0)
+        np.testing.assert_array_equal(secret.get(), np.arange(4, dtype=np.float32))
+    finally:
+        stranger.close()
