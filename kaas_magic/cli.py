@@ -41,6 +41,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.which == "kernels":
         from .bench_kernels import main
+    elif args.which == "paper":
+        from .bench_paper import main
+    elif args.which == "load":
+        from .bench_load import main
+
+        args.clients = args.clients or 3
     else:
         from .bench import main
 
@@ -68,12 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured in one run")
-    bench.add_argument("which", choices=["overhead", "kernels"],
+    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load"],
                        help="overhead: per-call cost against Dask, ipyparallel and a Pipe; "
-                            "kernels: warm kernel calls and a kept-data chain against in-process calls")
+                            "kernels: warm kernel calls and a kept-data chain against in-process calls; "
+                            "paper: the seed paper's completion-time table, naive fresh processes vs the warm pool; "
+                            "load: concurrent notebook clients on mixed targets, then a memory soak")
     bench.add_argument("--calls", type=int, default=300, help="calls per measurement")
     bench.add_argument("--no-ipyparallel", action="store_true", help="skip ipyparallel even if installed")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    paper = bench.add_argument_group("paper")
+    paper.add_argument("--targets", default="gpu,fpga,tpu,qpu,cpu",
+                       help="targets to measure (default: all; gpu only where a CUDA GPU is)")
+    paper.add_argument("--repeats", type=int, help="naive runs per target (default 20, --quick 3)")
+    paper.add_argument("--kaas-repeats", type=int, help="KaaS calls per target (default 10x --repeats, or 200)")
+    paper.add_argument("--clients", type=int, help="concurrent clients when sharing (default 4, --quick 2)")
+    paper.add_argument("--quick", action="store_true", help="few repeats: a check that it works, not figures")
+    paper.add_argument("--out", default="results/paper.csv", help="CSV to write (default results/paper.csv)")
+    paper.add_argument("--plot", default="results/paper.png", help="PNG to write (default results/paper.png)")
+    load = bench.add_argument_group("load")
+    load.add_argument("--seconds", type=float, default=20, help="how long the clients run (default 20)")
+    load.add_argument("--soak", type=int, default=5000, help="small calls in the soak (default 5000)")
     bench.set_defaults(func=_bench)
     return parser
 
