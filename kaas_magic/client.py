@@ -18,7 +18,6 @@ import concurrent.futures
 import io
 import itertools
 import os
-import queue as queue_module
 import random
 import sys
 import threading
@@ -40,6 +39,7 @@ from .errors import (
     WorkerLost,
     rebuild_remote_exception,
 )
+from .fastlink import Links
 from .handles import DeviceHandle, handles_in
 from .record import RunRecord, Timings
 from .targets import DEFAULT_BACKEND, READY_RESOURCE, TARGETS, Service, check_backend, check_target
@@ -94,6 +94,8 @@ class Pool:
         self._load: dict[str, tuple[dict[str, int], int]] = {}
         self._dead: dict[str, float] = {}  # workers seen dying: address -> when
         self._scheduler_lost_since: float | None = None
+        self._endpoints: dict[str, dict] = {}  # worker address -> where its direct link listens
+        self._links = Links(client.connection_args.get("ssl_context"))
         self._scheduler_error: BaseException | None = None
         self._closed = False
         self._comms = self._sync(self._start_comm_pool())
@@ -622,80 +624,75 @@ class Pool:
 
     def _exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO,
                   on_state: Callable[[str], None]):
-        """Send one call and relay its streamed output; runs in the caller's thread so
-        that printing lands where the caller is (the right notebook cell)."""
-        events: queue_module.SimpleQueue = queue_module.SimpleQueue()
-
-        async def talk():
-            try:
-                comm = await self._comms.connect(address)
-            except Exception as e:
-                events.put(("lost", e))
-                return
-            try:
-                await comm.write(message, on_error="raise")
-                while True:
-                    reply = await comm.read()
-                    if isinstance(reply, dict) and reply.get("kind") == "stream":
-                        events.put(("stream", reply["chunks"]))
-                        continue
-                    break
-            except Exception as e:
-                comm.abort()
-                events.put(("lost", e))
-                return
-            self._comms.reuse(address, comm)
-            events.put(("reply", reply))
-
-        asyncio.run_coroutine_threadsafe(talk(), self.loop)
+        """Send one call and relay its streamed output, in the caller's thread, over a
+        direct link to the worker (see fastlink): printing lands where the caller is (the
+        right notebook cell), and no event loop sits in the hot path."""
+        try:
+            endpoint = self._endpoint(address)
+            link = self._links.take(endpoint["host"], endpoint["port"])
+        except Exception as e:
+            self._forget_worker(address)
+            raise WorkerLost(f"worker {address} cannot be reached ({type(e).__name__}: {e}); it may have died. "
+                             f"The pool replaces dead workers; calls on other workers go on") from e
         captured = {"stdout": [], "stderr": []}
         streams = {"stdout": stdout, "stderr": stderr}
-        while True:
-            try:
-                kind, payload = events.get()
-            except KeyboardInterrupt:
-                raise KeyboardInterrupt(self._cancel_remote(address, message["call_id"], events)) from None
-            if kind == "stream":
-                for name, text in payload:
+        try:
+            link.send(message)
+            while True:
+                reply = link.receive()
+                if not (isinstance(reply, dict) and reply.get("kind") == "stream"):
+                    break
+                for name, text in reply["chunks"]:
                     if name == "state":
                         on_state(text)
                         continue
                     streams[name].write(text)
                     captured[name].append(text)
-                for s in streams.values():
-                    s.flush()
-            elif kind == "lost":
-                self._forget_worker(address)
-                raise WorkerLost(
-                    f"worker {address} died (or became unreachable) while running this call "
-                    f"({type(payload).__name__}: {payload}). The pool replaces dead workers and calls "
-                    f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
-                    f"if running it twice is safe"
-                ) from payload
-            else:
-                break
-        if not isinstance(payload, dict) or "kind" not in payload:
-            # The worker could not even read the message (e.g. an input whose class
-            # cannot be imported there): Dask answers with an error message.
-            text = payload.get("text") if isinstance(payload, dict) else payload
+                for stream in streams.values():
+                    stream.flush()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(self._cancel_remote(address, message["call_id"], link)) from None
+        except (OSError, EOFError, ValueError) as e:
+            link.close()
+            self._forget_worker(address)
+            raise WorkerLost(
+                f"worker {address} died (or became unreachable) while running this call "
+                f"({type(e).__name__}: {e}). The pool replaces dead workers and calls "
+                f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
+                f"if running it twice is safe"
+            ) from e
+        self._links.give_back(endpoint["host"], endpoint["port"], link)
+        if not isinstance(reply, dict) or reply.get("kind") != "result":
+            text = reply.get("text") if isinstance(reply, dict) else reply
             raise KaasError(f"worker {address} could not accept the call: {text}")
-        return payload, ("".join(captured["stdout"]), "".join(captured["stderr"]))
+        return reply, ("".join(captured["stdout"]), "".join(captured["stderr"]))
 
-    def _cancel_remote(self, address: str, call_id: str, events: queue_module.SimpleQueue) -> None:
+    def _endpoint(self, address: str) -> dict:
+        """Where a worker serves direct links; asked once per worker."""
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            endpoint = self._sync(self._comms_call(address, "kaas_endpoint"), timeout=10)
+            if not isinstance(endpoint, dict):
+                raise KaasError(f"worker {address} runs no kaas runtime (no call endpoint)")
+            self._endpoints[address] = endpoint = dict(endpoint)
+        return endpoint
+
+    def _cancel_remote(self, address: str, call_id: str, link) -> str:
         """The notebook was interrupted during a call: stop the code on the worker too, and
         give it about a second to confirm before handing the interrupt back."""
         try:
             self._sync(self._comms_call(address, "kaas_cancel", call_id=call_id, reason="interrupt"), timeout=2)
-            while True:
-                kind, payload = events.get(timeout=1.5)
-                if kind != "stream":
-                    break
-            if kind == "reply" and isinstance(payload, dict) and payload.get("error"):
-                if payload.get("worker_exiting"):
+            reply = link.receive(timeout=1.5)
+            while isinstance(reply, dict) and reply.get("kind") == "stream":
+                reply = link.receive(timeout=1.5)
+            if isinstance(reply, dict) and reply.get("error"):
+                if reply.get("worker_exiting"):
                     self._forget_worker(address)
-                return f"kaas: {payload['error']['message']}"
+                return f"kaas: {reply['error']['message']}"
         except Exception:  # unreachable worker or slow stop: the worker escalates by itself
             pass
+        finally:
+            link.close()  # it may be mid-message: never reuse it
         return f"kaas: interrupted; asked worker {address} to stop the cell"
 
     # -- registered kernels --
@@ -924,6 +921,7 @@ class Pool:
             except Exception:  # workers unreachable: their buffers are gone anyway
                 pass
         self._closed = True
+        self._links.close()
         try:
             self._sync(self._comms.close(), timeout=10)
         except Exception:

@@ -161,6 +161,8 @@ class WorkerRuntime:
         # A crash inside a native kernel should leave a trace in the worker's log.
         faulthandler.enable(file=sys.__stderr__)
         _route_std_streams()
+        self.endpoint: dict | None = None
+        self._fast_server = asyncio.ensure_future(self._start_fast_link())
         threading.Thread(target=self._warm_up_all, name="kaas-warm-up", daemon=True).start()
 
     # -- warm-up, in a background thread --
@@ -229,7 +231,11 @@ class WorkerRuntime:
             try:
                 session, warm_wait = await self._session_for(msg["service"])
             except LookupError as e:
-                return {"kind": "result", "ok": False, "error": _error_payload(e, None)}
+                now = time.time()
+                return {"kind": "result", "ok": False, "error": _error_payload(e, None), "outputs": {}, "kept": {},
+                        "timings": {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": 0.0, "to_host": 0.0},
+                        "worker": self.worker.address, "host": self.host, "received_at": received_at,
+                        "replied_at": now}
             slot = self.slot(session)
             call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
             async with slot.turn() as waited:
@@ -271,6 +277,24 @@ class WorkerRuntime:
             return reply
         finally:
             self.in_flight -= 1
+
+    async def _start_fast_link(self) -> None:
+        """The direct link clients use for calls (see fastlink), on the worker's own host."""
+        from distributed.comm.addressing import get_address_host
+
+        from . import fastlink
+
+        ssl_context = None
+        if self.worker.address.startswith("tls://"):
+            ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
+        host = get_address_host(self.worker.address)
+        server = await fastlink.serve(host, self.handle_run, ssl_context)
+        self.endpoint = {"host": host, "port": server.sockets[0].getsockname()[1]}
+        self._server = server
+
+    async def handle_endpoint(self) -> dict | None:
+        await self._fast_server
+        return self.endpoint
 
     # -- stopping calls: timeouts and interrupts --
 
@@ -706,6 +730,7 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
     worker.handlers["kaas_metrics"] = runtime.handle_metrics
     worker.handlers["kaas_free"] = runtime.handle_free
     worker.handlers["kaas_cancel"] = runtime.handle_cancel
+    worker.handlers["kaas_endpoint"] = runtime.handle_endpoint
     return runtime
 
 

@@ -37,7 +37,8 @@ def _two_workers(pool: Pool) -> tuple[str, str]:
         time.sleep(0.2)
         pool.wait_ready(timeout=240)
     addresses = sorted(r.address for r in pool.routes())
-    assert len(addresses) >= 2, f"the pool did not get back to two workers: {addresses}"
+    assert len(addresses) >= 2, (f"the pool did not get back to two workers: {addresses}; scheduler sees "
+                                 f"{list(pool.client.scheduler_info()['workers'])}, dead {list(pool._dead)}")
     return addresses[0], addresses[1]
 
 
