@@ -44,7 +44,7 @@ from .cellcode import padded
 from .device_slot import DeviceSlot
 from .errors import CallTimeout, DeviceOutOfMemory
 from .handles import BufferStore, HandleRef, is_array
-from .stopping import RunningCall
+from .stopping import RunningCall, StopCall
 from .targets import READY_RESOURCE
 
 logger = logging.getLogger("kaas_magic.worker")
@@ -227,6 +227,7 @@ class WorkerRuntime:
     async def handle_run(self, comm, **msg) -> dict:
         received_at = time.time()
         self.in_flight += 1
+        call = None
         try:
             try:
                 session, warm_wait = await self._session_for(msg["service"])
@@ -238,6 +239,7 @@ class WorkerRuntime:
                         "replied_at": now}
             slot = self.slot(session)
             call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
+            self.running[call.id] = (call, None)  # a queued call can be cancelled too
             async with slot.turn() as waited:
                 output = _CallOutput(self.loop)
                 job = functools.partial(self._execute, session, msg, output, time.perf_counter(), call)
@@ -258,7 +260,6 @@ class WorkerRuntime:
                 finally:
                     if timer is not None:
                         timer.cancel()
-                    self.running.pop(call.id, None)
                 reply = future.result() if done else self._abandoned_reply(call)
             slot.finished(time.time() - received_at, reply["ok"])
             reply["timings"]["warm_wait"] = warm_wait
@@ -277,6 +278,8 @@ class WorkerRuntime:
             return reply
         finally:
             self.in_flight -= 1
+            if call is not None:
+                self.running.pop(call.id, None)
 
     async def _start_fast_link(self) -> None:
         """The direct link clients use for calls (see fastlink), on the worker's own host."""
@@ -306,7 +309,8 @@ class WorkerRuntime:
             return False
         call, output = entry
         call.stop(reason)
-        self.loop.call_later(self.GRACE, self._escalate, call, output)
+        if output is not None:  # running: make sure it ends; a queued call ends at its turn
+            self.loop.call_later(self.GRACE, self._escalate, call, output)
         return True
 
     def _escalate(self, call: RunningCall, output: _CallOutput) -> None:
@@ -360,6 +364,8 @@ class WorkerRuntime:
         _current.sink = output.write
         _current.progress = bool(msg.get("progress"))
         try:
+            if call.reason is not None:  # cancelled while it waited for its turn
+                raise StopCall()
             report_state("running")
             with session.activate():
                 code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))

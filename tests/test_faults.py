@@ -119,3 +119,19 @@ def test_device_out_of_memory_is_clear_and_the_worker_survives(fpool):
     with pytest.raises(DeviceOutOfMemory, match=r"XLA:CPU.* ran out of memory: .*4503599627370496 bytes"):
         fpool.run("a = xp.ones((2**25, 2**25))", "tpu", fallback=True, worker=worker, **QUIET)
     assert fpool.run("b = xp.ones(3).sum()", "cpu", worker=worker, **QUIET).outputs["b"] == 3
+
+
+def test_interrupt_cancels_a_call_still_waiting_for_its_turn(fpool, tmp_path):
+    worker, _ = _two_workers(fpool)
+    concurrency = next(r["concurrency"] for r in fpool.metrics() if r["worker"] == worker and r["target"] == "cpu")
+    blockers = "import time\ntime.sleep(2)"
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
+        busy = [ex.submit(fpool.run, blockers, "cpu", worker=worker, **QUIET) for _ in range(concurrency)]
+        time.sleep(0.5)  # the device is full: the next call queues
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            fpool.run("import pathlib\npathlib.Path(path).touch()", "cpu", worker=worker,
+                      inputs={"path": str(tmp_path / "ran")}, **QUIET)
+        assert all(f.result().record.ok for f in busy)
+    time.sleep(0.5)
+    assert not (tmp_path / "ran").exists()  # the queued call never ran
