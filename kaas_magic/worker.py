@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import collections
 import concurrent.futures
+import ctypes
 import faulthandler
 import functools
 import io
@@ -91,6 +92,21 @@ def _route_std_streams() -> None:
         sys.stderr = _RoutedStream(sys.stderr, "stderr")
 
 
+def _keep_buffers_in_the_heap() -> None:
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ set, which also freezes glibc's
+    mmap threshold at 128 KiB: then every array a call receives or makes is a fresh mmap whose
+    pages fault in, which doubled the time of a warm 1e5-element kernel call here. Serve
+    buffers up to 32 MiB from the heap again (glibc's own dynamic limit), and trim the heap
+    only past 128 MiB of free memory at its top."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 128 * 2**20)
+
+
 def report_state(state: str) -> None:
     """Tell the calling notebook what its call is doing now ("running", "compiling"), when
     it asked to be told (a live view is showing the call)."""
@@ -141,6 +157,7 @@ class WorkerRuntime:
         self.buffers = BufferStore(self._keep_budget)
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
+        _keep_buffers_in_the_heap()
         self.offers: dict[str, Offer] = {}
         self.sessions: dict[str, Session] = {}
         self.backend_state: dict[str, str] = {
