@@ -109,14 +109,14 @@ def metrics() -> list[dict]:
 
 def monitor(interval: float | None = None):
     """Show a live view of every device in the pool (updates in the background)."""
-    from .monitor import monitor as show
+    from .pool_monitor import monitor as show
 
     return show(pool(), interval)
 
 
 def panel(interval: float | None = None):
     """The live pool monitor, docked in a JupyterLab side panel."""
-    from .monitor import panel as dock
+    from .pool_monitor import panel as dock
 
     return dock(pool(), interval)
 

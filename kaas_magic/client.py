@@ -377,7 +377,8 @@ class Pool:
         call go to the worker holding them, where they are used in place.
 
         ``progress(state, record)`` is told, in this thread, each state of the call:
-        queued, sending, running, compiling (a kernel), receiving, then done or error.
+        queued, sending, running, compiling (a kernel), receiving, then done or error
+        (cancelled when the call is interrupted).
 
         ``timeout`` (default ``kaas.timeout``) bounds the seconds the code may run: past it
         the call fails with :class:`CallTimeout`, the code is stopped, and a worker that
@@ -901,6 +902,10 @@ class Pool:
             raise
         self._comms.reuse(address, comm)
         return reply
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def scheduler_address(self) -> str:

@@ -96,7 +96,9 @@ def phase_segments(timings: "Timings") -> list[Segment]:
 
 
 def _where(record: "RunRecord") -> str:
-    return f"{record.target} [{record.backend}] on {record.label()} @ {record.worker}"
+    # The device is known once the worker has replied: not for a call cut short.
+    on = f" on {record.label()}" if record.device else ""
+    return f"{record.target} [{record.backend}]{on} @ {record.worker}"
 
 
 def render_text(state: str, record: "RunRecord | None", note: str = "") -> str:
@@ -144,10 +146,10 @@ def render_html(state: str, record: "RunRecord | None", note: str = "") -> str:
                               f"not the {record.target} itself: {record.device}"))
         temperature, why = warmth(record)
         head.append(badge(temperature, WARMTH_COLOURS[temperature], why))
+        on = f"on <b>{html.escape(record.device)}</b> " if record.device else ""
         head.append(
             f"<span class='kaas-where'>kaas <b>{html.escape(record.target)}</b> "
-            f"[{html.escape(record.backend)}] on <b>{html.escape(record.device)}</b> "
-            f"@ {html.escape(record.worker)}</span>"
+            f"[{html.escape(record.backend)}] {on}@ {html.escape(record.worker)}</span>"
         )
     elif record is not None:
         head.append(f"<span class='kaas-where'>kaas <b>{html.escape(record.target)}</b></span>")

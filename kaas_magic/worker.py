@@ -29,6 +29,7 @@ import linecache
 import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -745,6 +746,7 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
         from . import config as kaas_config
 
         config = kaas_config.snapshot()
+    _ignore_notebook_interrupts()
     runtime = WorkerRuntime(worker, config)
     worker.extensions[EXTENSION] = runtime
     worker.handlers["kaas_run"] = runtime.handle_run
@@ -755,6 +757,16 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
     worker.handlers["kaas_cancel"] = runtime.handle_cancel
     worker.handlers["kaas_endpoint"] = runtime.handle_endpoint
     return runtime
+
+
+def _ignore_notebook_interrupts() -> None:
+    """An embedded pool's workers share the notebook kernel's process group, and Jupyter's
+    stop button sends SIGINT to the whole group: it would kill them. A kaas worker is
+    stopped by its nanny (SIGTERM) or by kaas's own cancel, never by SIGINT."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect here
+        pass
 
 
 class KaasWorkerPlugin(WorkerPlugin):
