@@ -88,7 +88,6 @@ class Pool:
         self.client_id = uuid.uuid4().hex
         self._to_free: dict[str, list[str]] = {}
         self._release_lock = threading.Lock()
-        self._free_scheduled = False
         # Calls running or queued per worker and service, as the workers last said (all
         # clients' calls), and how many of ours were in flight then: for least-loaded routing.
         self._load: dict[str, tuple[dict[str, int], int]] = {}
@@ -191,6 +190,7 @@ class Pool:
             except Exception:  # scheduler briefly unreachable: keep the last table
                 pass
             await self._refresh_load()
+            await self._free_pending()
 
     async def _refresh_load(self) -> None:
         """Ask every ready worker how busy its services are (all clients' calls)."""
@@ -434,6 +434,7 @@ class Pool:
             "timeout": float(timeout) if timeout is not None else None,
             "keep": keep,
             "progress": progress is not None,
+            "free": self._frees_for(route.address),
         }
         while True:
             self._in_flight[route.address] += 1
@@ -587,20 +588,21 @@ class Pool:
         return result.outputs["__value"]
 
     def _release(self, worker: str, id: str) -> None:
-        """Free a kept buffer; batched, sent from the event loop (this may run in __del__)."""
+        """Free a kept buffer (this may run in __del__). The id rides along with the next call
+        to that worker, or goes within a second with the background refresh: a chain of
+        kept calls then costs no extra messages."""
         if self._closed:
             return
         with self._release_lock:
             self._to_free.setdefault(worker, []).append(id)
-            if self._free_scheduled:
-                return
-            self._free_scheduled = True
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._free_pending()))
+
+    def _frees_for(self, worker: str) -> list[str]:
+        with self._release_lock:
+            return self._to_free.pop(worker, [])
 
     async def _free_pending(self) -> None:
         with self._release_lock:
             batches, self._to_free = self._to_free, {}
-            self._free_scheduled = False
         for worker, ids in batches.items():
             try:
                 await self._comms_call(worker, "kaas_free", client=self.client_id, ids=ids)

@@ -244,6 +244,8 @@ class WorkerRuntime:
 
     async def handle_run(self, comm, **msg) -> dict:
         received_at = time.time()
+        if msg.get("free"):  # buffers the client dropped since its last call here
+            self.buffers.free(msg.get("client", ""), msg["free"])
         self.in_flight += 1
         call = None
         try:
