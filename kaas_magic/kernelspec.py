@@ -355,6 +355,24 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict, *, shape_of=np.shape, dtyp
     return Bound(given, out_shapes, dims)
 
 
+def sample_arguments(spec: KernelSpec, size: int = 64) -> tuple:
+    """Small zero arguments that fit the signature (every dim ``size``): what warm-up
+    launches a C kernel with, since PoCL and the CUDA driver finish code generation only
+    at a kernel's first launch."""
+    names = {n for p in spec.params or () if p.shape for d in p.shape
+             for n in re.findall(r"[A-Za-z_]\w*", d) if n not in ("cdiv", "min", "max")}
+    dims = dict.fromkeys(names, size)
+    args = []
+    for p in spec.params or ():
+        if p.role == "out":
+            continue
+        if p.shape is None:
+            args.append(np.dtype(p.dtype).type(dims.get(p.name, 1)))
+        else:
+            args.append(np.zeros(tuple(_eval_dim(d, dims, spec.name) for d in p.shape), np.dtype(p.dtype)))
+    return tuple(args)
+
+
 def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, upload, pointer, run):
     """The launch both C dialects share (OpenCL C and CUDA C): bind the arguments, allocate
     outputs, upload inputs, run, and for a ``post: sum`` reduction kernel run it again on

@@ -511,12 +511,18 @@ class WorkerRuntime:
         return found
 
     def _warm_library(self) -> None:
-        """Compile every library kernel on every device that can run it, so first calls are warm."""
+        """Compile every library kernel on every device that can run it, and launch each C
+        kernel once on small inputs, so that first calls are warm."""
+        from .kernelspec import sample_arguments
+
         for specs in self._library().values():
             for spec in specs:
                 for session in {id(s): s for s in self.sessions_for(spec.backend)}.values():
                     try:
-                        session.kernel(spec)
+                        compiled, _ = session.kernel(spec)
+                        if spec.language in ("opencl", "cuda") and spec.params:
+                            with session.activate():
+                                session.synchronize([session.launch(spec, compiled, sample_arguments(spec), {})])
                     except Exception:
                         logger.exception("kaas could not build library kernel %s on %s", spec.name, session.device)
 
@@ -633,6 +639,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _out_of_memory_error(exc: BaseException, session: Session) -> DeviceOutOfMemory:
     try:
+        session.release_cached_memory()  # so the next call has the most room
         used, total = session.memory()
     except Exception:
         used, total = None, None

@@ -77,6 +77,9 @@ class Session:
         """(bytes used, bytes total) of the device, where the backend can tell."""
         return None, self.offer.detail.get("memory_total")
 
+    def release_cached_memory(self) -> None:
+        """Give memory a pool holds for reuse back to the device (after running out)."""
+
     # -- registered kernels: compiled once per (kernel, device, options), then warm --
 
     languages: ClassVar[tuple[str, ...]] = ()

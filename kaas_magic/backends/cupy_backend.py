@@ -101,6 +101,12 @@ class CupySession(Session):
         with cupy.cuda.Device(self.index):
             return cupy.asarray(value)
 
+    def release_cached_memory(self) -> None:
+        import cupy
+
+        with cupy.cuda.Device(self.index):
+            cupy.get_default_memory_pool().free_all_blocks()
+
     def memory(self) -> tuple[int | None, int | None]:
         import cupy
 

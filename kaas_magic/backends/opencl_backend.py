@@ -29,6 +29,11 @@ class OpenCLSession(Session):
         # queue shared by threads would serialise them (and clFinish would wait for all).
         self._local = threading.local()
         self._disk = DiskCache(self.config, "opencl")
+        # Buffers come from a pool and go back to it: a chain of kept calls would otherwise
+        # map (and page-fault in) fresh memory for every intermediate result.
+        import pyopencl.tools as cl_tools
+
+        self.allocator = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(cl.CommandQueue(self.context)))
         program = cl.Program(self.context, _WARM_UP_SOURCE).build()
         buf = cl_array.to_device(self.queue, numpy.zeros(64, dtype=numpy.float32))
         # PoCL compiles very slowly when the runtime picks the work-group size: pass it.
@@ -133,18 +138,25 @@ class OpenCLSession(Session):
 
         result = launch_c_kernel(
             spec, args, kwargs,
-            allocate=lambda shape, dtype: cl_array.empty(queue, shape, dtype),
-            upload=lambda v: v if isinstance(v, cl_array.Array) else cl_array.to_device(queue, numpy.ascontiguousarray(v)),
+            allocate=lambda shape, dtype: cl_array.empty(queue, shape, dtype, allocator=self.allocator),
+            upload=lambda v: v if isinstance(v, cl_array.Array) else cl_array.to_device(
+                queue, numpy.ascontiguousarray(v), allocator=self.allocator),
             pointer=lambda array: array.data,
             run=run,
         )
         return result.get()[0] if spec.post == "sum" else result
 
+    def memory(self) -> tuple[int | None, int | None]:
+        return getattr(self.allocator, "active_bytes", None), self.offer.detail.get("memory_total")
+
+    def release_cached_memory(self) -> None:
+        self.allocator.free_held()
+
     def to_device(self, value: Any) -> Any:
         import numpy
         import pyopencl.array as cl_array
 
-        return cl_array.to_device(self.queue, numpy.ascontiguousarray(value))
+        return cl_array.to_device(self.queue, numpy.ascontiguousarray(value), allocator=self.allocator)
 
     def to_host(self, value: Any) -> Any:
         import pyopencl.array as cl_array
