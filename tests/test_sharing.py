@@ -92,3 +92,23 @@ def test_each_client_has_its_own_namespace_on_shared_workers(pool):
         np.testing.assert_array_equal(secret.get(), np.arange(4, dtype=np.float32))
     finally:
         stranger.close()
+
+
+def test_concurrent_kernel_calls_on_one_device_each_get_their_own_result(pool):
+    """Buffers are recycled per thread: a buffer must never be reused while another
+    call's kernel still reads it (this once gave wrong matmul results under load)."""
+    import numpy as np
+
+    worker = pool.routes()[0].address
+    rng = np.random.default_rng(5)
+    inputs = [(rng.random((64, 64), dtype=np.float32), rng.random((64, 64), dtype=np.float32)) for _ in range(8)]
+
+    def one(i: int) -> bool:
+        a, b = inputs[i % len(inputs)]
+        out = pool.run("c = kernels.matmul(a, b)", "fpga", inputs={"a": a, "b": b}, fallback=True, worker=worker,
+                       stdout=io.StringIO()).outputs["c"]
+        return bool(np.allclose(out, a @ b, rtol=1e-4))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(one, range(200)))
+    assert all(results), f"{results.count(False)} of {len(results)} results were wrong"

@@ -29,16 +29,28 @@ class OpenCLSession(Session):
         # queue shared by threads would serialise them (and clFinish would wait for all).
         self._local = threading.local()
         self._disk = DiskCache(self.config, "opencl")
-        # Buffers come from a pool and go back to it: a chain of kept calls would otherwise
-        # map (and page-fault in) fresh memory for every intermediate result.
-        import pyopencl.tools as cl_tools
-
-        self.allocator = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(cl.CommandQueue(self.context)))
+        self._pools: list = []
+        self._pools_lock = threading.Lock()
         program = cl.Program(self.context, _WARM_UP_SOURCE).build()
         buf = cl_array.to_device(self.queue, numpy.zeros(64, dtype=numpy.float32))
         # PoCL compiles very slowly when the runtime picks the work-group size: pass it.
         program.kaas_warm(self.queue, (64,), (64,), buf.data)
         buf.get()
+
+    @property
+    def allocator(self):
+        """This thread's memory pool. Buffers go back to a pool and are reused: a chain of
+        kept calls would otherwise map (and page-fault in) fresh memory for every result.
+        One pool per thread, like the queues: a pool does not know when a kernel on another
+        queue is done with a buffer, and in-order queues make reuse within one safe."""
+        import pyopencl.tools as cl_tools
+
+        pool = getattr(self._local, "allocator", None)
+        if pool is None:
+            pool = self._local.allocator = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
+            with self._pools_lock:
+                self._pools.append(pool)
+        return pool
 
     @property
     def queue(self):
@@ -147,10 +159,14 @@ class OpenCLSession(Session):
         return result.get()[0] if spec.post == "sum" else result
 
     def memory(self) -> tuple[int | None, int | None]:
-        return getattr(self.allocator, "active_bytes", None), self.offer.detail.get("memory_total")
+        with self._pools_lock:
+            used = sum(getattr(pool, "active_bytes", 0) for pool in self._pools)
+        return used, self.offer.detail.get("memory_total")
 
     def release_cached_memory(self) -> None:
-        self.allocator.free_held()
+        with self._pools_lock:
+            for pool in self._pools:
+                pool.free_held()
 
     def to_device(self, value: Any) -> Any:
         import numpy
