@@ -34,6 +34,21 @@ SMALL_N = 100_000
 CHAIN_N = 4 * 2**20  # 16 MiB of float32
 
 
+def _interleaved_medians_ms(calls: list[Callable[[], Any]], n: int) -> list[float]:
+    """Median ms of each call, measured in rounds (each call once per round), so that a
+    machine whose load drifts during the run weighs on every variant alike."""
+    for call in calls:
+        for _ in range(min(WARMUP, n)):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(n):
+        for call, spent in zip(calls, times):
+            t = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - t)
+    return [statistics.median(spent) * 1e3 for spent in times]
+
+
 def _median_ms(call: Callable[[], Any], n: int) -> float:
     for _ in range(min(WARMUP, n)):
         call()
@@ -176,12 +191,12 @@ def run(args: argparse.Namespace) -> list[str]:
             floor_link.close()
 
         print("  measuring vector_add ...", file=sys.stderr, flush=True)
-        floor = _median_ms(lambda: local.vector_add(local.upload(a), local.upload(b)).get(), n)
-        warm = _median_ms(lambda: call("vector_add", a, b), n)
+        floor, warm = _interleaved_medians_ms(
+            [lambda: local.vector_add(local.upload(a), local.upload(b)).get(), lambda: call("vector_add", a, b)], n)
         ka, kb = pool.put(a, "fpga", fallback=True), pool.put(b, "fpga", fallback=True)
         da, db = local.upload(a), local.upload(b)
-        kept = _median_ms(lambda: call("vector_add", ka, kb, keep=True), n)
-        kept_floor = _median_ms(lambda: (local.vector_add(da, db), local.queue.finish()), n)
+        kept, kept_floor = _interleaved_medians_ms(
+            [lambda: call("vector_add", ka, kb, keep=True), lambda: (local.vector_add(da, db), local.queue.finish())], n)
 
         print("  measuring the 3-kernel chain on 16 MiB ...", file=sys.stderr, flush=True)
         kca, kcb = pool.put(ca, "fpga", fallback=True), pool.put(cb, "fpga", fallback=True)
@@ -208,10 +223,8 @@ def run(args: argparse.Namespace) -> list[str]:
             got = float(chain())
             if abs(got - expected_chain) > 1e-3 * abs(expected_chain):
                 raise RuntimeError(f"{chain.__name__} gave {got}, expected {expected_chain}")
-        t_keep = _median_ms(chain_keep, chain_n)
-        t_cell = _median_ms(chain_in_one_cell, chain_n)
-        t_local = _median_ms(chain_local, chain_n)
-        t_no_keep = _median_ms(chain_no_keep, chain_n)
+        t_keep, t_cell, t_local, t_no_keep = _interleaved_medians_ms(
+            [chain_keep, chain_in_one_cell, chain_local, chain_no_keep], chain_n)
     finally:
         pool.close()
 
@@ -219,7 +232,7 @@ def run(args: argparse.Namespace) -> list[str]:
     lines += [
         f"device: {device}",
         "",
-        f"vector_add, 1e5 float32 ({n} calls each, median ms)",
+        f"vector_add, 1e5 float32 ({n} calls each, interleaved in rounds, median ms)",
         f"  in-process by hand (PyOpenCL: upload, launch, download)   {floor:8.3f}",
         f"  moving its arguments between processes (bare TCP socket)  {move:8.3f}",
         f"  kaas.call, warm                                           {warm:8.3f}",
@@ -228,7 +241,7 @@ def run(args: argparse.Namespace) -> list[str]:
         f"  inputs kept on the device: kaas.call with handles, keep  {kept:8.3f}"
         f"  (in-process launch alone {kept_floor:.3f})",
         "",
-        f"chain vector_add -> saxpy -> reduce_sum on 16 MiB float32, inputs on the device ({chain_n} runs each, median ms)",
+        f"chain vector_add -> saxpy -> reduce_sum on 16 MiB float32, inputs on the device ({chain_n} runs each, interleaved in rounds, median ms)",
         f"  in-process by hand                                        {t_local:8.3f}",
         f"  kaas with keep (handles between the calls)                {t_keep:8.3f}"
         f"  = {t_keep / t_local:.2f}x in-process -> target (<= 1.3x) {'MET' if t_keep <= 1.3 * t_local else 'NOT MET'}",
