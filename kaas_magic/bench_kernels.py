@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench import WARMUP, _header
+from .bench import WARMUP, _header, _measure
 
 SMALL_N = 100_000
 CHAIN_N = 4 * 2**20  # 16 MiB of float32
@@ -47,17 +47,6 @@ def _interleaved_medians_ms(calls: list[Callable[[], Any]], n: int) -> list[floa
             call()
             spent.append(time.perf_counter() - t)
     return [statistics.median(spent) * 1e3 for spent in times]
-
-
-def _median_ms(call: Callable[[], Any], n: int) -> float:
-    for _ in range(min(WARMUP, n)):
-        call()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 class InProcess:
@@ -186,7 +175,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
         floor_link = MoveFloor()
         try:
-            move = _median_ms(lambda: floor_link.round_trip([a, b], a.nbytes), n)
+            move = statistics.median(_measure(lambda: floor_link.round_trip([a, b], a.nbytes), n)) * 1e3
         finally:
             floor_link.close()
 
