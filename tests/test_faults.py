@@ -135,3 +135,28 @@ def test_interrupt_cancels_a_call_still_waiting_for_its_turn(fpool, tmp_path):
         assert all(f.result().record.ok for f in busy)
     time.sleep(0.5)
     assert not (tmp_path / "ran").exists()  # the queued call never ran
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_for_memory_fails_the_call_clearly_and_is_replaced():
+    """Dask's nanny kills a worker past 95 % of its memory limit, as the OS would: the call
+    says its worker died, and the pool comes back."""
+    import dask.config
+
+    with dask.config.set({"kaas.backends": ["numpy"]}):
+        small = Pool.start(1, memory_limit="800MB")
+    try:
+        small.wait_ready(timeout=120)
+        doomed = small.routes()[0].address
+        grow = ("import time\nhog = []\nfor _ in range(60):\n"
+                "    hog.append(xp.ones(100 * 2**20 // 8))  # 100 MiB, touched\n    time.sleep(0.05)")
+        with pytest.raises(WorkerLost, match=f"worker {doomed} died"):
+            small.run(grow, "cpu", **QUIET)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not [r for r in small.routes() if r.ready]:
+            time.sleep(0.5)
+            small.refresh()
+        assert small.run("ok = 1", "cpu", **QUIET).outputs["ok"] == 1
+        assert small.last_run().worker != doomed
+    finally:
+        small.close()
