@@ -87,3 +87,37 @@ def test_cuda_library_kernels_match_numpy(pool, name):
     assert pool.last_run().backend == "cupy"
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
+
+
+def test_kept_buffers_chain_on_the_gpu_and_its_memory_is_reported(pool):
+    from kaas_magic.handles import DeviceHandle
+
+    a = np.random.default_rng(3).random(1_000_000, dtype=np.float32)
+    x = pool.put(a, "gpu")
+    assert isinstance(x, DeviceHandle) and "CUDA device" in x.device and x.array_type.startswith("cupy")
+    y = pool.call("vector_add", x, x, target="gpu", keep=True)
+    z = pool.call("saxpy", 2.0, y, x, target="gpu", keep=True)
+    assert pool.last_run().bytes_in < 4_000 and pool.last_run().kernels == {"saxpy": "warm"}
+    np.testing.assert_allclose(z.get(), 5.0 * a, rtol=1e-5)
+    rows = [r for r in pool.metrics() if r["backend"] == "cupy"]
+    assert rows and all(r["memory_total"] and r["memory_used"] for r in rows)
+    assert all(r["kept_bytes"] >= 0 for r in rows)
+
+
+def test_cuda_kernel_registered_once_is_loaded_from_disk_by_a_new_session(cache_dir):
+    """The CuPy compile-cache marker: a second session on the same cache folder loads."""
+    from kaas_magic.backends import load
+    from kaas_magic.kernelspec import spec_from_source
+
+    source = ('extern "C" __global__ void twice(const float *a, float *out, int n) {\n'
+              '  int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) out[i] = 2 * a[i]; }')
+    spec = spec_from_source(source, "cuda", signature="twice(a: float32[n], out: out float32[n], n: int32)")
+    settings = {**config.snapshot(), "cache": {"dir": str(cache_dir / "gpu-marker")}}
+    first = load("cupy")(settings)
+    session = first.open(first.discover()[0])
+    assert session.kernel(spec)[1] == "compiled"
+    second = load("cupy")(settings)
+    again = second.open(second.discover()[0])
+    assert again.kernel(spec)[1] == "disk"
+    result, how = again.call_kernel(spec, (np.arange(4, dtype=np.float32),), {})
+    np.testing.assert_array_equal(again.to_host(result), np.arange(4, dtype=np.float32) * 2)
