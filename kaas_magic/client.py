@@ -54,6 +54,8 @@ class WorkerRoute:
     host: str
     services: dict[Service, float] = field(default_factory=dict)  # service -> concurrency
     ready: bool = False
+    # Tells a worker restarted at the same address (a fixed port) from the one that died.
+    incarnation: str = ""
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Pool:
         # Calls running or queued per worker and service, as the workers last said (all
         # clients' calls), and how many of ours were in flight then: for least-loaded routing.
         self._load: dict[str, tuple[dict[str, int], int]] = {}
-        self._dead: dict[str, float] = {}  # workers seen dying: address -> when
+        self._dead: dict[tuple[str, str], float] = {}  # workers seen dying: (address, incarnation) -> when
         self._scheduler_lost_since: float | None = None
         self._endpoints: dict[str, dict] = {}  # worker address -> where its direct link listens
         self._links = Links(client.connection_args.get("ssl_context"))
@@ -169,7 +171,8 @@ class Pool:
         self._scheduler_lost_since = None
         routes: dict[str, WorkerRoute] = {}
         for address, info in identity.get("workers", {}).items():
-            route = WorkerRoute(address, str(info.get("name", address)), info.get("host", ""))
+            route = WorkerRoute(address, str(info.get("name", address)), info.get("host", ""),
+                                incarnation=str(info.get("local_directory", "")))
             for resource, amount in (info.get("resources") or {}).items():
                 service = Service.from_resource(resource)
                 if service is not None:
@@ -239,15 +242,18 @@ class Pool:
 
     def routes(self) -> list[WorkerRoute]:
         with self._routes_lock:
-            return [r for a, r in self._routes.items() if a not in self._dead]
+            return [r for a, r in self._routes.items() if (a, r.incarnation) not in self._dead]
 
     def _forget_worker(self, address: str) -> None:
         """A worker died (or is being replaced): route nothing more to it. The scheduler may
-        list it a while longer; its replacement comes back under a new address."""
+        list it a while longer; its replacement comes back under a new address, or under the
+        same one (a fixed port) as a new incarnation."""
         with self._routes_lock:
-            self._dead[address] = time.monotonic()
-            for gone in [a for a, t in self._dead.items() if time.monotonic() - t > 600]:
+            route = self._routes.get(address)
+            self._dead[(address, route.incarnation if route else "")] = time.monotonic()
+            for gone in [k for k, t in self._dead.items() if time.monotonic() - t > 600]:
                 del self._dead[gone]
+        self._endpoints.pop(address, None)
 
     def _candidates(self, target: str, backend: str | None, fallback: bool, worker: str | None):
         found = []
