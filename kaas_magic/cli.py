@@ -20,6 +20,8 @@ def _worker(args: argparse.Namespace) -> int:
         command += ["--name", args.name]
     if args.host:
         command += ["--host", args.host]
+    if args.port:
+        command += ["--worker-port", str(args.port)]
     for flag in ("tls_ca_file", "tls_cert", "tls_key"):
         value = getattr(args, flag)
         if value:
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--nworkers", type=int, default=1, help="worker processes (default 1)")
     worker.add_argument("--name", help="worker name")
     worker.add_argument("--host", help="address to listen on (default: Dask's choice)")
+    worker.add_argument("--port", type=int, help="port to listen on (default: any free one)")
     worker.add_argument("--concurrency", type=int, help="calls one device serves at once")
     worker.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=None)
     worker.add_argument("--tls-ca-file")

@@ -105,3 +105,53 @@ def test_environment_variable_points_start_at_a_scheduler(remote, pool, monkeypa
     finally:
         kaas_magic.shutdown()
         kaas_magic._pool = saved
+
+
+def test_a_worker_restarted_on_its_fixed_port_is_used_again(pool):
+    """A dead worker is remembered by address *and* incarnation: its replacement on the same
+    port (a firewall-friendly deployment) serves calls again."""
+    import signal
+
+    port, worker_port = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, DASK_KAAS__BACKENDS='["numpy"]')
+    command = ["kaas", "worker", address, "--host", "127.0.0.1", "--port", str(worker_port)]
+
+    def start_worker():
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+
+    worker = start_worker()
+    client = connect_when_up(address)
+    try:
+        client.wait_ready(timeout=120)
+        assert client.routes()[0].address == f"tcp://127.0.0.1:{worker_port}"
+        assert client.run("a = 1", "cpu", stdout=io.StringIO()).outputs["a"] == 1
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its nanny, at once
+        worker.wait(timeout=30)
+        with pytest.raises(kaas_magic.WorkerLost):
+            client.run("a = 1", "cpu", stdout=io.StringIO())
+        worker = start_worker()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            client.refresh()
+            if client.routes() and all(r.ready for r in client.routes()):
+                break
+            time.sleep(0.5)
+        result = client.run("b = 2", "cpu", stdout=io.StringIO())
+        assert result.outputs["b"] == 2 and result.record.worker == f"tcp://127.0.0.1:{worker_port}"
+    finally:
+        client.close()
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        scheduler.terminate()
+        for proc in (worker, scheduler):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
