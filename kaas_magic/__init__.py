@@ -45,7 +45,6 @@ def start(n_workers: int | None = None, **cluster_kwargs) -> "Pool":
     instead.
     """
     global _pool
-    from . import config
     from .client import Pool
 
     with _pool_lock:
@@ -151,7 +150,7 @@ def unload_ipython_extension(ipython) -> None:
 
 
 __all__ = [
-    "TARGETS", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
+    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
     "KaasError", "KaasUsageError", "RemoteError", "StaleHandleError", "TargetUnavailable", "VariableNotSendable",
     "WorkerLost",
 ]

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .targets import KIND_ORDER
+
 if TYPE_CHECKING:
     from .client import Pool
 
@@ -82,6 +84,8 @@ print(json.dumps({"phases": _phases, "device": DEVICE, "kind": KIND, "ok": bool(
 
 _CHILD_CPU = """
 import numpy as np
+
+from .targets import KIND_ORDER
 _phase("import")
 {inputs}
 DEVICE, KIND = "CPU (NumPy)", "device"
@@ -94,6 +98,8 @@ OK = np.isclose(c[1, 2], np.dot(a[1].astype(np.float64), b[:, 2]), rtol=1e-4)
 
 _CHILD_OPENCL = """
 import numpy as np
+
+from .targets import KIND_ORDER
 import pyopencl as cl
 _phase("import")
 {inputs}
@@ -120,6 +126,8 @@ OK = np.allclose(c, a @ b, rtol=1e-4)
 
 _CHILD_CUPY = """
 import numpy as np
+
+from .targets import KIND_ORDER
 import cupy
 _phase("import")
 {inputs}
@@ -141,6 +149,8 @@ OK = np.allclose(c, a @ b, rtol=1e-4)
 
 _CHILD_JAX = """
 import numpy as np
+
+from .targets import KIND_ORDER
 import jax
 _phase("import")
 {inputs}
@@ -303,7 +313,6 @@ def kaas_call(pool: "Pool", task: Task, worker: str | None = None) -> Any:
 
 def serving(pool: "Pool", task: Task) -> dict[str, str]:
     """Worker address -> the best kind of service it has for the task (none: not served)."""
-    rank = {"device": 0, "simulator": 1, "fallback": 2}
     found: dict[str, str] = {}
     for route in pool.routes():
         for service in route.services:
@@ -311,7 +320,7 @@ def serving(pool: "Pool", task: Task) -> dict[str, str]:
                 continue
             if service.kind == "fallback" and not task.fallback:
                 continue
-            if route.address not in found or rank[service.kind] < rank[found[route.address]]:
+            if route.address not in found or KIND_ORDER[service.kind] < KIND_ORDER[found[route.address]]:
                 found[route.address] = service.kind
     return found
 

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TextIO
 
 from . import config as kaas_config
 from . import serial
@@ -42,9 +42,11 @@ from .errors import (
 from .fastlink import Links
 from .handles import DeviceHandle, handles_in
 from .record import RunRecord, Timings
-from .targets import DEFAULT_BACKEND, READY_RESOURCE, TARGETS, Service, check_backend, check_target
+from .targets import DEFAULT_BACKEND, KIND_ORDER, READY_RESOURCE, TARGETS, Service, check_backend, check_target
 
-_KIND_ORDER = {"device": 0, "simulator": 1, "fallback": 2}
+if TYPE_CHECKING:
+    from .pool_status import KernelTable, PoolStatus
+
 
 
 @dataclass
@@ -277,7 +279,7 @@ class Pool:
         def rank(item):
             route, service, concurrency = item
             return (
-                _KIND_ORDER[service.kind],
+                KIND_ORDER[service.kind],
                 service.backend != default,
                 self._busy(route.address, service) / max(concurrency, 1),
                 random.random(),
@@ -332,7 +334,7 @@ class Pool:
         order = list(TARGETS)
         return [
             f"{t} {b}" + ("" if k == "device" else f" {k}")
-            for t, b, k in sorted(seen, key=lambda s: (order.index(s[0]), _KIND_ORDER[s[2]], s[1]))
+            for t, b, k in sorted(seen, key=lambda s: (order.index(s[0]), KIND_ORDER[s[2]], s[1]))
         ]
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -467,7 +469,6 @@ class Pool:
                 raise
             finally:
                 self._in_flight[route.address] -= 1
-        received_wall = time.time()
         t_received = time.perf_counter()
         if reply.get("worker_exiting"):
             self._forget_worker(route.address)
@@ -739,7 +740,7 @@ class Pool:
             for spec, t in options:
                 choice = self._choose(t, spec.backend, allow, None)
                 if choice is not None:
-                    rank = _KIND_ORDER[choice[1].kind]
+                    rank = KIND_ORDER[choice[1].kind]
                     if best is None or rank < best[0]:
                         best = (rank, spec, t)
             if best is not None:

@@ -28,6 +28,8 @@ BACKENDS: tuple[str, ...] = ("numpy", "cupy", "jax", "opencl", "qiskit")
 #   simulator  - a faithful software model of the device (Aer for qpu); used without --fallback
 #   fallback   - a CPU stand-in that runs the same code; used only when fallback is allowed
 KINDS = ("device", "simulator", "fallback")
+# Preference when several serve a target: a real device, then a simulator, then a stand-in.
+KIND_ORDER = {kind: rank for rank, kind in enumerate(KINDS)}
 
 RESOURCE_PREFIX = "kaas/"
 READY_RESOURCE = "kaas/ready"

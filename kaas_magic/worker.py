@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -47,7 +47,7 @@ from .device_slot import DeviceSlot
 from .errors import CallTimeout, DeviceOutOfMemory
 from .handles import BufferStore, HandleRef, is_array
 from .stopping import RunningCall, StopCall
-from .targets import READY_RESOURCE
+from .targets import KIND_ORDER, READY_RESOURCE
 
 logger = logging.getLogger("kaas_magic.worker")
 
@@ -584,7 +584,7 @@ class WorkerRuntime:
             by_device.setdefault(session.device_id, []).append((resource, session))
         rows = []
         for device_id, members in by_device.items():
-            members.sort(key=lambda m: (_KIND_RANK[m[1].offer.service.kind], m[1].offer.service.target))
+            members.sort(key=lambda m: (KIND_ORDER[m[1].offer.service.kind], m[1].offer.service.target))
             session = members[0][1]
             service = session.offer.service
             slot = self.slot(session)
@@ -651,7 +651,6 @@ def _out_of_memory_error(exc: BaseException, session: Session) -> DeviceOutOfMem
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_KIND_RANK = {"device": 0, "simulator": 1, "fallback": 2}
 
 
 def _keepable(value: Any) -> bool:

@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 
-import kaas_magic
 from kaas_magic import config
 
 from conftest import mandelbrot_reference, requires_gpu

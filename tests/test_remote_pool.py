@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,30 +24,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_process(*command: str, env=None) -> subprocess.Popen:
+    """A scheduler or `kaas worker`, in a session of its own so that its nanny and worker
+    processes can be signalled together."""
+    return subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+
+
+def stop_processes(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def scheduler_command(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+            "--port", str(port), "--no-dashboard", *extra]
+
+
 @pytest.fixture(scope="module")
 def remote():
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-         "--port", str(port), "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    scheduler = start_process(*scheduler_command(port))
     env = dict(os.environ, DASK_KAAS__BACKENDS='["numpy", "qiskit"]')
-    worker = subprocess.Popen(
-        ["kaas", "worker", address, "--name", "gpu-host-1", "--host", "127.0.0.1", "--concurrency", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
+    worker = start_process("kaas", "worker", address, "--name", "gpu-host-1", "--host", "127.0.0.1",
+                           "--concurrency", "2", env=env)
     try:
         yield address
     finally:
-        for proc in (worker, scheduler):
-            proc.terminate()
-        for proc in (worker, scheduler):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(worker, scheduler)
 
 
 def connect_when_up(address: str) -> Pool:
@@ -110,21 +124,12 @@ def test_environment_variable_points_start_at_a_scheduler(remote, pool, monkeypa
 def test_a_worker_restarted_on_its_fixed_port_is_used_again(pool):
     """A dead worker is remembered by address *and* incarnation: its replacement on the same
     port (a firewall-friendly deployment) serves calls again."""
-    import signal
-
     port, worker_port = free_port(), free_port()
     address = f"tcp://127.0.0.1:{port}"
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = start_process(*scheduler_command(port))
     env = dict(os.environ, DASK_KAAS__BACKENDS='["numpy"]')
     command = ["kaas", "worker", address, "--host", "127.0.0.1", "--port", str(worker_port)]
-
-    def start_worker():
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-
-    worker = start_worker()
+    worker = start_process(*command, env=env)
     client = connect_when_up(address)
     try:
         client.wait_ready(timeout=120)
@@ -134,7 +139,7 @@ def test_a_worker_restarted_on_its_fixed_port_is_used_again(pool):
         worker.wait(timeout=30)
         with pytest.raises(kaas_magic.WorkerLost):
             client.run("a = 1", "cpu", stdout=io.StringIO())
-        worker = start_worker()
+        worker = start_process(*command, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             client.refresh()
@@ -145,13 +150,4 @@ def test_a_worker_restarted_on_its_fixed_port_is_used_again(pool):
         assert result.outputs["b"] == 2 and result.record.worker == f"tcp://127.0.0.1:{worker_port}"
     finally:
         client.close()
-        try:
-            os.killpg(worker.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        scheduler.terminate()
-        for proc in (worker, scheduler):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(worker, scheduler)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import kaas_magic
 from kaas_magic.client import Pool
 from kaas_magic.errors import KaasError, SchedulerLost
-from test_remote_pool import connect_when_up, free_port
+from test_remote_pool import connect_when_up, free_port, scheduler_command, start_process, stop_processes
 
 QUIET = {"stdout": io.StringIO()}
 NUMPY_ONLY = dict(os.environ, DASK_KAAS__BACKENDS='["numpy"]')
@@ -40,33 +39,18 @@ def make_certificates(folder: Path, name: str) -> dict[str, str]:
     return {"ca": str(folder / "ca.pem"), "cert": str(folder / "node.pem"), "key": str(folder / "node.key")}
 
 
-def _start(*command: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-
-def _stop(*procs: subprocess.Popen) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
     certs = make_certificates(tmp_path_factory.mktemp("tls"), "kaas")
     port = free_port()
     address = f"tls://127.0.0.1:{port}"
     tls = ["--tls-ca-file", certs["ca"], "--tls-cert", certs["cert"], "--tls-key", certs["key"]]
-    scheduler = _start(sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                       "--port", str(port), "--protocol", "tls", "--no-dashboard", *tls)
-    worker = _start("kaas", "worker", address, "--name", "tls-worker", "--host", "127.0.0.1", *tls, env=NUMPY_ONLY)
+    scheduler = start_process(*scheduler_command(port, "--protocol", "tls", *tls))
+    worker = start_process("kaas", "worker", address, "--name", "tls-worker", "--host", "127.0.0.1", *tls, env=NUMPY_ONLY)
     try:
         yield address, certs
     finally:
-        _stop(worker, scheduler)
+        stop_processes(worker, scheduler)
 
 
 def _security(certs: dict[str, str]):
@@ -108,23 +92,21 @@ def test_tls_pool_refuses_clients_without_the_right_certificate(tls_cluster, tmp
 def test_lost_scheduler_is_a_clear_error_and_reconnecting_works(pool):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    scheduler_command = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                         "--port", str(port), "--no-dashboard"]
-    scheduler = _start(*scheduler_command)
-    worker = _start("kaas", "worker", address, "--host", "127.0.0.1", env=NUMPY_ONLY)
+    scheduler = start_process(*scheduler_command(port))
+    worker = start_process("kaas", "worker", address, "--host", "127.0.0.1", env=NUMPY_ONLY)
     lost = connect_when_up(address)
     try:
         lost.wait_ready(timeout=120)
         assert lost.run("a = 1", "cpu", **QUIET).outputs["a"] == 1
-        _stop(scheduler)
+        stop_processes(scheduler)
         deadline = time.monotonic() + 30
         with pytest.raises(SchedulerLost, match=f"lost the Dask scheduler at {address}.*kaas connect"):
             while time.monotonic() < deadline:
                 lost.run("a = 1", "cpu", **QUIET)
                 time.sleep(0.5)
-        _stop(worker)
-        scheduler = _start(*scheduler_command)
-        worker = _start("kaas", "worker", address, "--host", "127.0.0.1", env=NUMPY_ONLY)
+        stop_processes(worker)
+        scheduler = start_process(*scheduler_command(port))
+        worker = start_process("kaas", "worker", address, "--host", "127.0.0.1", env=NUMPY_ONLY)
         back = connect_when_up(address)
         try:
             back.wait_ready(timeout=120)
@@ -133,5 +115,5 @@ def test_lost_scheduler_is_a_clear_error_and_reconnecting_works(pool):
             back.close()
     finally:
         lost.close()
-        _stop(worker, scheduler)
+        stop_processes(worker, scheduler)
     assert kaas_magic.pool() is pool  # the session's own pool was never touched
