@@ -84,8 +84,6 @@ print(json.dumps({"phases": _phases, "device": DEVICE, "kind": KIND, "ok": bool(
 
 _CHILD_CPU = """
 import numpy as np
-
-from .targets import KIND_ORDER
 _phase("import")
 {inputs}
 DEVICE, KIND = "CPU (NumPy)", "device"
@@ -98,8 +96,6 @@ OK = np.isclose(c[1, 2], np.dot(a[1].astype(np.float64), b[:, 2]), rtol=1e-4)
 
 _CHILD_OPENCL = """
 import numpy as np
-
-from .targets import KIND_ORDER
 import pyopencl as cl
 _phase("import")
 {inputs}
@@ -126,8 +122,6 @@ OK = np.allclose(c, a @ b, rtol=1e-4)
 
 _CHILD_CUPY = """
 import numpy as np
-
-from .targets import KIND_ORDER
 import cupy
 _phase("import")
 {inputs}
@@ -149,8 +143,6 @@ OK = np.allclose(c, a @ b, rtol=1e-4)
 
 _CHILD_JAX = """
 import numpy as np
-
-from .targets import KIND_ORDER
 import jax
 _phase("import")
 {inputs}
