@@ -8,12 +8,16 @@ windows, call count and latencies.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import statistics
+import threading
 import time
-from typing import AsyncIterator
+from typing import Callable, Iterator
+
+
+class LeftQueue(Exception):
+    """A queued call was cancelled before its turn."""
 
 
 class DeviceSlot:
@@ -22,7 +26,8 @@ class DeviceSlot:
     def __init__(self, device_id: str, concurrency: int):
         self.device_id = device_id
         self.concurrency = concurrency
-        self._semaphore = asyncio.Semaphore(concurrency)
+        self._changed = threading.Condition()
+        self._waiting: collections.deque[object] = collections.deque()  # arrival order
         self.in_flight = 0
         self.queued = 0
         self.calls = 0
@@ -31,32 +36,51 @@ class DeviceSlot:
         self._busy: collections.deque[tuple[float, float]] = collections.deque()
         self._busy_since: float | None = None
 
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[float]:
-        """Wait for a free place on the device; yields the seconds spent waiting."""
+    @contextlib.contextmanager
+    def turn(self, give_up: Callable[[], bool] = lambda: False) -> Iterator[float]:
+        """Wait, in the calling thread, for a free place on the device; yields the seconds
+        spent waiting. Raises :class:`LeftQueue` when ``give_up()`` turns true while waiting
+        (the call was cancelled; :meth:`wake` makes waiters look again)."""
         started = time.perf_counter()
-        self.queued += 1
-        try:
-            await self._semaphore.acquire()
-        finally:
-            self.queued -= 1
+        with self._changed:
+            if self.in_flight >= self.concurrency or self._waiting:
+                ticket = object()
+                self._waiting.append(ticket)
+                self.queued += 1
+                try:
+                    while self.in_flight >= self.concurrency or self._waiting[0] is not ticket:
+                        if give_up():
+                            raise LeftQueue()
+                        self._changed.wait()
+                finally:
+                    self.queued -= 1
+                    self._waiting.remove(ticket)
+                    self._changed.notify_all()  # the next in line may go now
+            self.in_flight += 1
+            if self.in_flight == 1:
+                self._busy_since = time.monotonic()
         waited = time.perf_counter() - started
-        self.in_flight += 1
-        if self.in_flight == 1:
-            self._busy_since = time.monotonic()
         try:
             yield waited
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0 and self._busy_since is not None:
-                self._busy.append((self._busy_since, time.monotonic()))
-                self._busy_since = None
-            self._semaphore.release()
+            with self._changed:
+                self.in_flight -= 1
+                if self.in_flight == 0 and self._busy_since is not None:
+                    self._busy.append((self._busy_since, time.monotonic()))
+                    self._busy_since = None
+                if self._waiting:
+                    self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Make queued calls check whether they were cancelled."""
+        with self._changed:
+            self._changed.notify_all()
 
     def finished(self, seconds: float, ok: bool) -> None:
-        self.calls += 1
-        self.errors += 0 if ok else 1
-        self._latencies.append(seconds)
+        with self._changed:  # calls finish in several threads at once
+            self.calls += 1
+            self.errors += 0 if ok else 1
+            self._latencies.append(seconds)
 
     def load(self) -> int:
         """Calls running or waiting here: what the router balances on."""

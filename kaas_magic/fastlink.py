@@ -3,8 +3,8 @@
 Dask's comms serve everything else (status, metrics, freeing buffers, cancelling), but a
 warm call is the product, and going through the client's event loop costs two thread hops
 and the GIL contention of that loop. Here the calling thread itself writes the request and
-reads the reply on a blocking socket (with TLS when the pool uses it), and the worker
-serves the link on its own event loop, with the same ``kaas_run`` handler as before.
+reads the reply on a blocking socket (with TLS when the pool uses it), and on the worker a
+thread per link reads the request and runs the call itself: no event loop on either side.
 
 Messages are Dask's own message frames (``distributed.protocol.dumps``: msgpack plus
 out-of-band buffers, so arrays are not copied into the header), prefixed by the frame
@@ -13,12 +13,11 @@ count and lengths.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import struct
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from distributed.protocol import dumps, loads
 
@@ -31,95 +30,121 @@ def _encode(message: Any) -> list:
     return [header, *frames]
 
 
+def _send(sock: socket.socket, message: Any) -> None:
+    parts = _encode(message)
+    total = sum(memoryview(p).nbytes for p in parts)
+    if total <= 65536 and not isinstance(sock, ssl.SSLSocket):  # one syscall (no sendmsg on TLS)
+        sent = sock.sendmsg(parts)
+        if sent < total:
+            sock.sendall(b"".join(bytes(memoryview(p)) for p in parts)[sent:])
+        return
+    for part in parts:
+        sock.sendall(part)
+
+
+def _receive_frames(sock: socket.socket) -> list[bytearray]:
+    """One message's frames, each read straight into its own buffer (frames may be large
+    arrays: no copies)."""
+    (count,) = _COUNT.unpack(_exactly(sock, 8))
+    lengths = struct.unpack(f"<{count}Q", _exactly(sock, 8 * count))
+    return [_exactly(sock, n) for n in lengths]
+
+
+def _exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionResetError("the other side closed the connection")
+        got += n
+    return buffer
+
+
 # --- the worker side -------------------------------------------------------------------
 
 
-class _Reply:
-    """What the run handler writes its streamed output to: ``await comm.write(msg)``."""
+class Replier:
+    """How a call answers its caller: ``write(message)`` sends one message on the link.
+    Thread-safe, because a call's own thread streams its output while, rarely, another
+    thread answers for a call that cannot be stopped."""
 
-    def __init__(self, transport: asyncio.Transport):
-        self._transport = transport
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
 
-    async def write(self, message: Any, **_) -> None:
-        if self._transport.is_closing():
-            raise ConnectionResetError("the client closed the link")
-        self._transport.writelines(_encode(message))
-
-
-class _LinkProtocol(asyncio.BufferedProtocol):
-    """Reads messages straight into their final buffers (no copies: a message's frames may
-    be large arrays), then runs the handler; one message at a time per link, as a client
-    sends its next call only after the reply to the last."""
-
-    def __init__(self, handler: Callable[..., Awaitable[dict]]):
-        self._handler = handler
-        self._start_message()
-
-    def _start_message(self) -> None:
-        self._stage = "count"
-        self._buffer = bytearray(8)
-        self._got = 0
-        self._lengths: tuple[int, ...] = ()
-        self._frames: list[bytearray] = []
-
-    def connection_made(self, transport) -> None:
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buffer)[self._got:]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._got += nbytes
-        while self._got == len(self._buffer):
-            if self._stage == "count":
-                (count,) = _COUNT.unpack(self._buffer)
-                self._stage, self._buffer, self._got = "lengths", bytearray(8 * count), 0
-            elif self._stage == "lengths":
-                self._lengths = struct.unpack(f"<{len(self._buffer) // 8}Q", self._buffer)
-                self._next_frame()
-            else:
-                self._frames.append(self._buffer)
-                self._next_frame()
-            if self._stage == "done":
-                frames = self._frames
-                self._start_message()
-                self._transport.pause_reading()  # the next message waits for this reply
-                asyncio.ensure_future(self._answer(frames))
-                return
-
-    def _next_frame(self) -> None:
-        if len(self._frames) == len(self._lengths):
-            self._stage = "done"
-            return
-        self._stage, self._buffer, self._got = "frame", bytearray(self._lengths[len(self._frames)]), 0
-        if not self._buffer:  # an empty frame: nothing to read
-            self._frames.append(self._buffer)
-            self._next_frame()
-
-    async def _answer(self, frames: list[bytearray]) -> None:
-        reply = _Reply(self._transport)
+    def write(self, message: Any, timeout: float | None = None) -> bool:
+        """Send ``message``; False when the lock was not had within ``timeout`` seconds."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
         try:
-            try:
-                message = loads(frames, deserialize=True)
-            except Exception as e:  # e.g. an input whose class does not exist here
-                await reply.write({"kind": "refused", "text": f"{type(e).__name__}: {e}"})
-                return
-            message.pop("op", None)
-            await reply.write(await self._handler(reply, **message))
-        except ConnectionError:
-            return
+            _send(self._sock, message)
+            return True
         finally:
-            if not self._transport.is_closing():
-                self._transport.resume_reading()
+            self._lock.release()
 
 
-async def serve(host: str, handler: Callable[..., Awaitable[dict]], ssl_context: ssl.SSLContext | None):
-    """Listen on ``host`` (a free port); each message is ``handler(comm, **message)``."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _LinkProtocol(handler), host=host, port=0, ssl=ssl_context)
+class Server:
+    """Serves direct links on a blocking socket, one thread per connection, and runs each
+    message's handler in that thread: a warm call wakes no event loop and hops no thread.
+    A client sends its next message on a link only after the reply to the last, so a
+    connection's thread has one call at a time."""
+
+    def __init__(self, host: str, handler: Callable[..., dict], ssl_context: ssl.SSLContext | None):
+        self._handler = handler
+        self._ssl = ssl_context
+        self._listener = socket.create_server((host, 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, name="kaas-link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(sock,), name="kaas-link", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                sock.settimeout(10)  # a handshake that never comes must not hold the thread
+                sock = self._ssl.wrap_socket(sock, server_side=True)
+                sock.settimeout(None)
+            replier = Replier(sock)
+            while not self._closed:
+                try:
+                    frames = _receive_frames(sock)
+                except (ConnectionError, OSError):  # the client closed the link
+                    return
+                try:
+                    message = loads(frames, deserialize=True)
+                except Exception as e:  # e.g. an input whose class does not exist here
+                    replier.write({"kind": "refused", "text": f"{type(e).__name__}: {e}"})
+                    continue
+                message.pop("op", None)
+                try:
+                    reply = self._handler(replier, **message)
+                except BaseException as e:  # noqa: BLE001 - e.g. a stop that landed late
+                    reply = {"kind": "refused", "text": f"{type(e).__name__}: {e}"}
+                replier.write(reply)
+        except (ConnectionError, OSError):  # the client went away mid-reply
+            pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            self._listener.close()
+        except OSError:
+            pass
 
 
 # --- the client side -------------------------------------------------------------------
@@ -137,35 +162,15 @@ class Link:
         self.sock = sock
 
     def send(self, message: Any) -> None:
-        parts = _encode(message)
-        total = sum(memoryview(p).nbytes for p in parts)
-        if total <= 65536 and not isinstance(self.sock, ssl.SSLSocket):  # one syscall (no sendmsg on TLS)
-            sent = self.sock.sendmsg(parts)
-            if sent < total:
-                self.sock.sendall(b"".join(bytes(memoryview(p)) for p in parts)[sent:])
-            return
-        for part in parts:
-            self.sock.sendall(part)
+        _send(self.sock, message)
 
     def receive(self, timeout: float | None = None) -> Any:
         self.sock.settimeout(timeout)
         try:
-            (count,) = _COUNT.unpack(self._exactly(8))
-            lengths = struct.unpack(f"<{count}Q", self._exactly(8 * count))
-            frames = [self._exactly(n) for n in lengths]
+            frames = _receive_frames(self.sock)
         finally:
             self.sock.settimeout(None)
         return loads(frames, deserialize=False)
-
-    def _exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
-        while got < size:
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionResetError("the worker closed the connection")
-            got += n
-        return buffer
 
     def close(self) -> None:
         try:

@@ -10,8 +10,11 @@ caller, and exits so that its nanny starts a fresh, re-warmed process.
 from __future__ import annotations
 
 import ctypes
+import heapq
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 class StopCall(BaseException):
@@ -51,3 +54,50 @@ class RunningCall:
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
     changed = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
     return changed == 1
+
+
+class Watchdog:
+    """Stops calls that pass their timeout: one thread for all of a worker's calls, asleep
+    until the nearest deadline. Arming and disarming are cheap, as every call with a
+    timeout does both."""
+
+    def __init__(self, on_expire: Callable[[str], Any]):
+        self._on_expire = on_expire
+        self._changed = threading.Condition()
+        self._deadlines: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._thread: threading.Thread | None = None
+
+    def arm(self, call_id: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            self._deadlines[call_id] = deadline
+            heapq.heappush(self._heap, (deadline, call_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kaas-watchdog", daemon=True)
+                self._thread.start()
+            if self._heap[0][1] == call_id:
+                self._changed.notify()
+
+    def disarm(self, call_id: str) -> None:
+        with self._changed:
+            self._deadlines.pop(call_id, None)
+            if len(self._heap) > 64 and len(self._heap) > 4 * len(self._deadlines):  # drop stale entries
+                self._heap = [(d, c) for c, d in self._deadlines.items()]
+                heapq.heapify(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            expired = []
+            with self._changed:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][0] <= now or self._deadlines.get(self._heap[0][1]) != self._heap[0][0]):
+                    deadline, call_id = heapq.heappop(self._heap)
+                    if self._deadlines.get(call_id) == deadline:
+                        del self._deadlines[call_id]
+                        expired.append(call_id)
+                if not expired:
+                    self._changed.wait(self._heap[0][0] - now if self._heap else None)
+                    continue
+            for call_id in expired:
+                self._on_expire(call_id)

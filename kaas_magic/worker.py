@@ -1,14 +1,14 @@
 """The worker side: a Dask worker extension that keeps backends warm and runs cells.
 
 Installed on every worker by :class:`KaasWorkerPlugin` (registered by each client) or by
-``kaas worker``'s preload. It adds two comm handlers to the Dask worker:
+``kaas worker``'s preload.
 
-``kaas_run``
-    The hot path. The client talks to the worker directly, skipping the scheduler (as
-    Dask actors do). The cell runs in a thread pool; print output streams back as it
-    happens; the final reply carries outputs, timings and any error.
-``kaas_info``
-    What this worker serves, how warm it is and how busy.
+Calls (the hot path) come on direct links from the calling threads (see fastlink), skipping
+the scheduler as Dask actors do. Each link has its own thread on the worker, which waits for
+the device's turn, runs the cell itself, streams print output back as it happens, and sends
+the reply with outputs, timings and any error. Everything else is a Dask comm handler on the
+worker's event loop: ``kaas_info`` (what this worker serves, how warm and busy it is),
+``kaas_load``, ``kaas_metrics``, ``kaas_free``, ``kaas_cancel`` and ``kaas_endpoint``.
 
 Warm-up runs in a background thread when the worker starts: each backend discovers its
 devices, opens and warms a session per device, then advertises its services as Dask worker
@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
-import concurrent.futures
 import ctypes
 import faulthandler
-import functools
 import io
 import linecache
 import logging
@@ -43,10 +41,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from . import backends, compile_cache, serial
 from .backends.base import Offer, Session, map_containers
 from .cellcode import padded
-from .device_slot import DeviceSlot
+from .device_slot import DeviceSlot, LeftQueue
 from .errors import CallTimeout, DeviceOutOfMemory
 from .handles import BufferStore, HandleRef, is_array
-from .stopping import RunningCall, StopCall
+from .stopping import RunningCall, StopCall, Watchdog
 from .targets import KIND_ORDER, READY_RESOURCE
 
 logger = logging.getLogger("kaas_magic.worker")
@@ -115,27 +113,51 @@ def report_state(state: str) -> None:
         _current.sink("state", state)
 
 
-class _CallOutput:
-    """Print output of one call, collected in the cell's thread and forwarded by the
-    event loop. One wake-up per burst, not per write."""
+class _CallStream:
+    """Print output and state changes of one call, sent to its caller as they happen, from
+    the call's own thread. Text written within FLUSH_S of the last message is gathered and
+    sent by a timer on the event loop, so a cell printing in a tight loop sends few
+    messages and a quiet one costs nothing."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    FLUSH_S = 0.02
+
+    def __init__(self, replier, loop: asyncio.AbstractEventLoop):
+        self.replier = replier
         self.loop = loop
-        self.event = asyncio.Event()
         self._chunks: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self._last_sent = 0.0
+        self._timer_armed = False
+        self.closed = False  # answered: later writes are dropped
 
     def write(self, name: str, text: str) -> None:
         with self._lock:
-            first = not self._chunks
+            if self.closed:
+                return
             self._chunks.append((name, text))
-        if first:
-            self.loop.call_soon_threadsafe(self.event.set)
+            if name != "state" and time.monotonic() - self._last_sent < self.FLUSH_S:
+                if not self._timer_armed:
+                    self._timer_armed = True
+                    self.loop.call_soon_threadsafe(self.loop.call_later, self.FLUSH_S, self.flush)
+                return
+        self.flush()
 
-    def take(self) -> list[tuple[str, str]]:
-        with self._lock:
+    def flush(self) -> None:
+        with self._lock:  # held while sending, so that messages keep their order
+            self._timer_armed = False
             chunks, self._chunks = self._chunks, []
-        return chunks
+            if not chunks or self.closed:
+                return
+            self._last_sent = time.monotonic()
+            try:
+                self.replier.write({"kind": "stream", "chunks": chunks})
+            except OSError:  # the caller went away: the call goes on, its output is dropped
+                self.closed = True
+
+    def finish(self) -> None:
+        self.flush()
+        with self._lock:
+            self.closed = True
 
 
 # --- the runtime ----------------------------------------------------------------------
@@ -148,13 +170,11 @@ class WorkerRuntime:
         self.loop = asyncio.get_running_loop()
         self.host = socket.gethostname()
         self.concurrency = int(config.get("pool", {}).get("concurrency", 4))
-        # Each device admits `concurrency` calls at once (its DeviceSlot); the pool of
-        # threads only needs to be large enough for all devices together.
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.concurrency * 16, thread_name_prefix="kaas-call"
-        )
-        self.slots: dict[str, DeviceSlot] = {}
-        self.running: dict[str, tuple[RunningCall, _CallOutput]] = {}
+        self.slots: dict[str, DeviceSlot] = {}  # each device admits `concurrency` calls at once
+        # Calls queued or running: (the call, its device's slot, its stream once it runs).
+        self.running: dict[str, tuple[RunningCall, DeviceSlot, _CallStream | None]] = {}
+        self.watchdog = Watchdog(lambda call_id: self._stop(call_id, "timeout"))
+        self._stats_lock = threading.Lock()
         self.buffers = BufferStore(self._keep_budget)
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
@@ -164,8 +184,8 @@ class WorkerRuntime:
         self.backend_state: dict[str, str] = {
             name: "pending" for name in config.get("backends", ["numpy"])
         }
-        self._backend_done: dict[str, asyncio.Event] = {
-            name: asyncio.Event() for name in self.backend_state
+        self._backend_done: dict[str, threading.Event] = {
+            name: threading.Event() for name in self.backend_state
         }
         self.warm_started = time.time()
         self.warm_finished: float | None = None
@@ -179,8 +199,7 @@ class WorkerRuntime:
         # A crash inside a native kernel should leave a trace in the worker's log.
         faulthandler.enable(file=sys.__stderr__)
         _route_std_streams()
-        self.endpoint: dict | None = None
-        self._fast_server = asyncio.ensure_future(self._start_fast_link())
+        self.endpoint, self._server = self._start_fast_link()
         threading.Thread(target=self._warm_up_all, name="kaas-warm-up", daemon=True).start()
 
     # -- warm-up, in a background thread --
@@ -203,7 +222,7 @@ class WorkerRuntime:
                 state = f"failed: {type(e).__name__}: {e}"
             self.backend_state[name] = state
             self._publish()
-            self.loop.call_soon_threadsafe(self._backend_done[name].set)
+            self._backend_done[name].set()
         if self.config.get("kernels", {}).get("warm-library", True):
             try:
                 self._warm_library()
@@ -225,7 +244,7 @@ class WorkerRuntime:
         except Exception:
             logger.exception("kaas could not advertise resources to the scheduler")
 
-    async def _session_for(self, resource: str) -> tuple[Session, float]:
+    def _session_for(self, resource: str) -> tuple[Session, float]:
         """The warm session for a service, waiting for warm-up if it is still running."""
         session = self.sessions.get(resource)
         if session is not None:
@@ -233,75 +252,65 @@ class WorkerRuntime:
         backend = resource.split("/")[2]
         started = time.perf_counter()
         if backend in self._backend_done:
-            await self._backend_done[backend].wait()
+            self._backend_done[backend].wait()
         session = self.sessions.get(resource)
         if session is None:
             served = ", ".join(sorted(self.sessions)) or "nothing yet"
             raise LookupError(f"worker {self.worker.address} does not serve {resource}; it serves {served}")
         return session, time.perf_counter() - started
 
-    # -- the hot path --
+    # -- the hot path: runs in the thread serving the caller's link (see fastlink) --
 
-    async def handle_run(self, comm, **msg) -> dict:
+    def handle_call(self, replier, **msg) -> dict | None:
         received_at = time.time()
         if msg.get("free"):  # buffers the client dropped since its last call here
             self.buffers.free(msg.get("client", ""), msg["free"])
-        self.in_flight += 1
-        call = None
+        try:
+            session, warm_wait = self._session_for(msg["service"])
+        except LookupError as e:
+            timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": 0.0, "to_host": 0.0}
+            return {"kind": "result", "ok": False, "error": _error_payload(e, None), "outputs": {}, "kept": {},
+                    "timings": timings, "worker": self.worker.address, "host": self.host,
+                    "received_at": received_at, "replied_at": time.time()}
+        slot = self.slot(session)
+        call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
+        self.running[call.id] = (call, slot, None)  # a queued call can be cancelled too
+        if call.timeout:
+            self.watchdog.arm(call.id, call.timeout)
+        with self._stats_lock:
+            self.in_flight += 1
         try:
             try:
-                session, warm_wait = await self._session_for(msg["service"])
-            except LookupError as e:
-                now = time.time()
-                return {"kind": "result", "ok": False, "error": _error_payload(e, None), "outputs": {}, "kept": {},
-                        "timings": {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": 0.0, "to_host": 0.0},
-                        "worker": self.worker.address, "host": self.host, "received_at": received_at,
-                        "replied_at": now}
-            slot = self.slot(session)
-            call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
-            self.running[call.id] = (call, None)  # a queued call can be cancelled too
-            async with slot.turn() as waited:
-                output = _CallOutput(self.loop)
-                job = functools.partial(self._execute, session, msg, output, time.perf_counter(), call)
-                future = self.loop.run_in_executor(self.executor, job)
-                future.add_done_callback(lambda _: output.event.set())
-                self.running[call.id] = (call, output)
-                timer = self.loop.call_later(call.timeout, self._stop, call.id, "timeout") if call.timeout else None
-                try:
-                    while True:
-                        await output.event.wait()
-                        output.event.clear()
-                        done = future.done()  # read before take(): no write can follow completion
-                        chunks = output.take()
-                        if chunks:
-                            await comm.write({"kind": "stream", "chunks": chunks})
-                        if done or call.abandoned:
-                            break
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-                reply = future.result() if done else self._abandoned_reply(call)
+                with slot.turn(give_up=lambda: call.reason is not None) as waited:
+                    stream = _CallStream(replier, self.loop)
+                    self.running[call.id] = (call, slot, stream)
+                    reply = self._execute(session, msg, stream, time.perf_counter(), call)
+                    stream.finish()
+            except LeftQueue:
+                waited = time.perf_counter() - received_at
+                reply = self._stopped_reply(call, replaced=False)
+            if call.abandoned:  # already answered by _escalate; this process is on its way out
+                return None
             slot.finished(time.time() - received_at, reply["ok"])
             reply["timings"]["warm_wait"] = warm_wait
             reply["timings"]["queue"] += waited
-            reply.update(
-                kind="result",
-                worker=self.worker.address,
-                host=self.host,
-                device=session.device,
-                received_at=received_at,
-                replied_at=time.time(),
-            )
-            self.calls[msg["service"]] += 1
-            if not reply["ok"]:
-                self.errors += 1
-            return reply
+            with self._stats_lock:
+                self.calls[msg["service"]] += 1
+                self.errors += 0 if reply["ok"] else 1
+            return self._addressed(reply, session.device, received_at)
         finally:
-            self.in_flight -= 1
-            if call is not None:
-                self.running.pop(call.id, None)
+            if call.timeout:
+                self.watchdog.disarm(call.id)
+            self.running.pop(call.id, None)
+            with self._stats_lock:
+                self.in_flight -= 1
 
-    async def _start_fast_link(self) -> None:
+    def _addressed(self, reply: dict, device: str, received_at: float) -> dict:
+        reply.update(kind="result", worker=self.worker.address, host=self.host, device=device,
+                     received_at=received_at, replied_at=time.time())
+        return reply
+
+    def _start_fast_link(self):
         """The direct link clients use for calls (see fastlink), on the worker's own host."""
         from distributed.comm.addressing import get_address_host
 
@@ -311,12 +320,10 @@ class WorkerRuntime:
         if self.worker.address.startswith("tls://"):
             ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
         host = get_address_host(self.worker.address)
-        server = await fastlink.serve(host, self.handle_run, ssl_context)
-        self.endpoint = {"host": host, "port": server.sockets[0].getsockname()[1]}
-        self._server = server
+        server = fastlink.Server(host, self.handle_call, ssl_context)
+        return {"host": host, "port": server.port}, server
 
     async def handle_endpoint(self) -> dict | None:
-        await self._fast_server
         return self.endpoint
 
     # -- stopping calls: timeouts and interrupts --
@@ -324,31 +331,39 @@ class WorkerRuntime:
     GRACE = 1.0  # seconds a stopped cell has to end before its worker is replaced
 
     def _stop(self, call_id: str, reason: str) -> bool:
+        """From the event loop (an interrupt) or the watchdog (a timeout)."""
         entry = self.running.get(call_id)
         if entry is None:
             return False
-        call, output = entry
+        call, slot, stream = entry
         call.stop(reason)
-        if output is not None:  # running: make sure it ends; a queued call ends at its turn
-            self.loop.call_later(self.GRACE, self._escalate, call, output)
+        slot.wake()  # a queued call leaves the queue
+        if stream is not None:  # running: make sure it ends
+            self.loop.call_soon_threadsafe(self.loop.call_later, self.GRACE, self._escalate, call, stream)
         return True
 
-    def _escalate(self, call: RunningCall, output: _CallOutput) -> None:
+    def _escalate(self, call: RunningCall, stream: _CallStream) -> None:
         """The cell did not stop: answer its caller, then let the nanny replace this process
         (no other way ends a thread stuck in native code)."""
         if call.id not in self.running:
             return
         call.abandoned = True
-        output.event.set()
+        stream.finish()
+        reply = self._addressed(self._stopped_reply(call, replaced=True), "", time.time())
+        try:
+            stream.replier.write(reply, timeout=0.2)
+        except OSError:
+            pass
         logger.error("kaas call %s did not stop within %.1f s of its %s; replacing worker %s",
                      call.id, self.GRACE, call.reason, self.worker.address)
         self.loop.call_later(0.5, os._exit, 75)
 
-    def _abandoned_reply(self, call: RunningCall) -> dict:
-        error = _error_payload(_stop_error(call, self.worker.address, replaced=True), None)
-        timings = {"queue": 0.0, "setup": 0.0, "execute": call.timeout or 0.0, "to_host": 0.0}
+    def _stopped_reply(self, call: RunningCall, replaced: bool) -> dict:
+        error = _error_payload(_stop_error(call, self.worker.address, replaced=replaced), None)
+        timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": (call.timeout or 0.0) if replaced else 0.0,
+                   "to_host": 0.0}
         return {"ok": False, "outputs": {}, "skipped": {}, "error": error, "kept": {}, "timings": timings,
-                "kernels": {}, "worker_exiting": True}
+                "kernels": {}, "worker_exiting": replaced}
 
     async def handle_cancel(self, call_id: str = "", reason: str = "interrupt") -> bool:
         return self._stop(call_id, reason)
@@ -370,9 +385,9 @@ class WorkerRuntime:
                 self._code_cache.popitem(last=False)
         return code
 
-    def _execute(self, session: Session, msg: dict, output: _CallOutput, enqueued: float,
+    def _execute(self, session: Session, msg: dict, output: _CallStream, enqueued: float,
                  call: RunningCall) -> dict:
-        """Runs in a kaas-call thread."""
+        """Runs in the thread serving the caller's link."""
         t0 = time.perf_counter()
         timings = {"queue": t0 - enqueued}
         outputs: dict[str, Any] = {}
@@ -483,8 +498,8 @@ class WorkerRuntime:
 
     def slot(self, session: Session) -> DeviceSlot:
         slot = self.slots.get(session.device_id)
-        if slot is None:
-            slot = self.slots[session.device_id] = DeviceSlot(session.device_id, self.concurrency)
+        if slot is None:  # setdefault: two threads may get here at once
+            slot = self.slots.setdefault(session.device_id, DeviceSlot(session.device_id, self.concurrency))
         return slot
 
     def to_host(self, value: Any, session: Session) -> Any:
@@ -757,7 +772,6 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
     _ignore_notebook_interrupts()
     runtime = WorkerRuntime(worker, config)
     worker.extensions[EXTENSION] = runtime
-    worker.handlers["kaas_run"] = runtime.handle_run
     worker.handlers["kaas_info"] = runtime.handle_info
     worker.handlers["kaas_load"] = runtime.handle_load
     worker.handlers["kaas_metrics"] = runtime.handle_metrics
