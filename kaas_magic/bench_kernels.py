@@ -4,7 +4,8 @@ kernels called in this process, measured in one run on one machine.
 1. A warm ``kaas.call("vector_add", a, b)`` on 1e5 float32 values against the floor: the
    same OpenCL kernel on the same OpenCL device, called in this process by hand with
    PyOpenCL (upload, launch, download), plus the cost of moving its arguments between two
-   processes (a, b there and the result back over a bare loopback TCP socket).
+   processes (a, b there and the result back) over a bare socket of the transport kaas
+   used: a Unix socket for a worker on this machine, TCP otherwise. Both are printed.
 2. A chain of three kernels on 16 MiB arrays (vector_add, saxpy, then reduce_sum to one
    number), starting from data already on the device: with ``keep`` (handles, nothing
    copied between the calls), in-process by hand, and without ``keep`` (every
@@ -19,16 +20,20 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
+import os
+import shutil
 import socket
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
 import numpy as np
 
 from .bench import WARMUP, _header, _measure
+from .fastlink import tune
 
 SMALL_N = 100_000
 CHAIN_N = 4 * 2**20  # 16 MiB of float32
@@ -101,12 +106,18 @@ def _round(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def _echo_server(port_out) -> None:
+def _echo_server(family: str, address_out) -> None:
     """Child process: read a length-prefixed message, answer with ``reply`` bytes."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port_out.send(listener.getsockname()[1])
+    if family == "unix":
+        folder = tempfile.mkdtemp(prefix="kaas-bench-")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(os.path.join(folder, "echo.sock"))
+        listener.listen()
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+    address_out.send(listener.getsockname())
     conn, _ = listener.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune(conn)  # the settings kaas's own links use
     buffer = bytearray(64 * 2**20)
     while True:
         header = _recv_exactly(conn, memoryview(bytearray(16)))
@@ -128,16 +139,23 @@ def _recv_exactly(conn, view: memoryview) -> memoryview:
 
 
 class MoveFloor:
-    """The cost of moving bytes to another process and back over loopback TCP, with no
-    framework in the way: the transfer part of any remote call's floor."""
+    """The cost of moving bytes to another process and back, with no framework in the way:
+    the transfer part of any remote call's floor. ``family`` is the transport: "unix" (what
+    kaas uses to reach a worker on the same machine) or "tcp" (loopback)."""
 
-    def __init__(self):
+    def __init__(self, family: str = "unix"):
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_echo_server, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_echo_server, args=(family, child), daemon=True)
         self.proc.start()
-        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = parent.recv()
+        if family == "unix":
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(address)
+        else:
+            self.sock = socket.create_connection(tuple(address))
+        tune(self.sock)
+        self.path = address if family == "unix" else None
         self.reply = memoryview(bytearray(64 * 2**20))
 
     def round_trip(self, send: list[np.ndarray], reply_bytes: int) -> None:
@@ -150,6 +168,8 @@ class MoveFloor:
     def close(self) -> None:
         self.sock.sendall(struct.pack("<QQ", 0, 0))
         self.proc.join(10)
+        if self.path:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -173,11 +193,17 @@ def run(args: argparse.Namespace) -> list[str]:
         local = InProcess()
         np.testing.assert_allclose(local.vector_add(local.upload(a), local.upload(b)).get(), a + b, rtol=1e-6)
 
-        floor_link = MoveFloor()
-        try:
-            move = statistics.median(_measure(lambda: floor_link.round_trip([a, b], a.nbytes), n)) * 1e3
-        finally:
-            floor_link.close()
+        # The floor moves the bytes over the transport kaas used for these calls.
+        transport = pool.transport(pool.last_run().worker)
+        move = {}
+        for family in ("unix", "tcp"):
+            floor_link = MoveFloor(family)
+            try:
+                move[family] = statistics.median(_measure(lambda: floor_link.round_trip([a, b], a.nbytes), n)) * 1e3
+            finally:
+                floor_link.close()
+        move_other = move["tcp" if transport == "unix" else "unix"]
+        move = move[transport]
 
         print("  measuring vector_add ...", file=sys.stderr, flush=True)
         floor, warm = _interleaved_medians_ms(
@@ -223,7 +249,8 @@ def run(args: argparse.Namespace) -> list[str]:
         "",
         f"vector_add, 1e5 float32 ({n} calls each, interleaved in rounds, median ms)",
         f"  in-process by hand (PyOpenCL: upload, launch, download)   {floor:8.3f}",
-        f"  moving its arguments between processes (bare TCP socket)  {move:8.3f}",
+        f"  moving its arguments between processes (bare {transport} socket, as kaas) {move:8.3f}"
+        f"  (over {'tcp' if transport == 'unix' else 'unix'}: {move_other:.3f})",
         f"  kaas.call, warm                                           {warm:8.3f}",
         f"  kaas overhead beyond floor + moving the arguments        {over:8.3f}"
         f"  -> target (<= 1 ms) {'MET' if over <= 1.0 else 'NOT MET'}",
@@ -244,7 +271,7 @@ def run(args: argparse.Namespace) -> list[str]:
             "| measurement | median ms | ratio / verdict |",
             "|---|---:|---|",
             f"| vector_add 1e5, in-process by hand (floor) | {floor:.3f} | |",
-            f"| moving its arguments (bare loopback TCP round trip) | {move:.3f} | |",
+            f"| moving its arguments (bare {transport} socket round trip, the transport kaas used) | {move:.3f} | |",
             f"| vector_add 1e5, warm `kaas.call` | {warm:.3f} | overhead {over:.3f} ms: {'MET' if over <= 1.0 else 'NOT MET'} (<= 1 ms) |",
             f"| vector_add 1e5, inputs kept on the device | {kept:.3f} | |",
             f"| 3-kernel chain 16 MiB, in-process | {t_local:.3f} | 1.00x |",

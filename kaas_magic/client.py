@@ -19,10 +19,12 @@ import io
 import itertools
 import os
 import random
+import socket
 import sys
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TextIO
 
@@ -96,6 +98,8 @@ class Pool:
         # clients' calls), and how many of ours were in flight then: for least-loaded routing.
         self._load: dict[str, tuple[dict[str, int], int]] = {}
         self._dead: dict[tuple[str, str], float] = {}  # workers seen dying: (address, incarnation) -> when
+        # Which spec and target each kernel call uses, for the current routing table.
+        self._kernel_routes: tuple[dict | None, dict] = (None, {})
         self._scheduler_lost_since: float | None = None
         self._endpoints: dict[str, dict] = {}  # worker address -> where its direct link listens
         self._links = Links(client.connection_args.get("ssl_context"))
@@ -253,6 +257,7 @@ class Pool:
         with self._routes_lock:
             route = self._routes.get(address)
             self._dead[(address, route.incarnation if route else "")] = time.monotonic()
+            self._kernel_routes = (None, {})
             for gone in [k for k, t in self._dead.items() if time.monotonic() - t > 600]:
                 del self._dead[gone]
         self._endpoints.pop(address, None)
@@ -406,8 +411,10 @@ class Pool:
             raise KaasError(f"timeout must be a positive number of seconds, got {timeout!r}")
         started_wall = time.time()
         t_start = time.perf_counter()
-        call_id = f"{os.getpid()}-{next(self._counter)}-{uuid.uuid4().hex[:6]}"
-        filename = filename or f"<kaas-cell-{call_id}>"
+        call_id = f"{os.getpid()}-{next(self._counter)}-{random.getrandbits(24):06x}"
+        # Named by content, so that running the same code again hits the parse cache here
+        # and the compile cache on the worker.
+        filename = filename or f"<kaas-cell-{zlib.crc32(code.encode()):08x}>"
         info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
         outputs_explicit = outputs is not None
         output_names = list(outputs) if outputs is not None else list(info.writes)
@@ -543,8 +550,10 @@ class Pool:
         locality beats balance). Handles the chosen worker does not hold are fetched home
         and sent as values."""
         handles = [h for value in inputs.values() for h in handles_in(value)]
-        for h in handles:
-            self._check_handle(h)
+        if handles:
+            live = {r.address for r in self.routes()}
+            for h in handles:
+                self._check_handle(h, live)
         home = None
         if handles and worker is None:
             held = collections.Counter()
@@ -562,12 +571,12 @@ class Pool:
                       for name, value in inputs.items()}
         return route, service, waited, inputs
 
-    def _check_handle(self, handle: DeviceHandle) -> None:
+    def _check_handle(self, handle: DeviceHandle, live: set[str]) -> None:
         if handle._pool() is not self:
             raise StaleHandleError(f"{handle!r} belongs to another pool")
         if handle.freed:
             raise StaleHandleError(f"{handle!r} was freed")
-        if handle.worker not in {r.address for r in self.routes()}:
+        if handle.worker not in live:
             raise StaleHandleError(
                 f"{handle!r} lived on worker {handle.worker}, which has left the pool (it died or "
                 f"was stopped); its data is lost: compute it again"
@@ -639,7 +648,7 @@ class Pool:
         right notebook cell), and no event loop sits in the hot path."""
         try:
             endpoint = self._endpoint(address)
-            link = self._links.take(endpoint["host"], endpoint["port"])
+            link = self._links.take(endpoint)
         except Exception as e:
             self._forget_worker(address)
             raise WorkerLost(f"worker {address} cannot be reached ({type(e).__name__}: {e}); it may have died. "
@@ -671,11 +680,21 @@ class Pool:
                 f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
                 f"if running it twice is safe"
             ) from e
-        self._links.give_back(endpoint["host"], endpoint["port"], link)
+        self._links.give_back(endpoint, link)
         if not isinstance(reply, dict) or reply.get("kind") != "result":
             text = reply.get("text") if isinstance(reply, dict) else reply
             raise KaasError(f"worker {address} could not accept the call: {text}")
         return reply, ("".join(captured["stdout"]), "".join(captured["stderr"]))
+
+    def transport(self, address: str) -> str:
+        """How calls reach worker ``address``: "unix" (a Unix socket, for a worker on this
+        machine) or "tcp"."""
+        endpoint = self._endpoint(address)
+        link = self._links.take(endpoint)
+        try:
+            return "unix" if link.sock.family == getattr(socket, "AF_UNIX", None) else "tcp"
+        finally:
+            self._links.give_back(endpoint, link)
 
     def _endpoint(self, address: str) -> dict:
         """Where a worker serves direct links; asked once per worker."""
@@ -726,11 +745,28 @@ class Pool:
         return specs
 
     def _route_kernel(self, specs: list, target: str | None, backend: str | None, fallback: bool | None):
-        """Pick (spec, target): a real device first, then a simulator, then a stand-in."""
-        if target is not None:
-            check_target(target)
+        """Pick (spec, target): a real device first, then a simulator, then a stand-in.
+
+        The choice depends only on what the pool serves, so it is kept until the routing
+        table changes (about once a second); which worker serves the call is decided per
+        call, by load."""
         if fallback is None:
             fallback = bool(kaas_config.get("fallback", False))
+        with self._routes_lock:
+            table = self._routes
+        if self._kernel_routes[0] is not table:
+            self._kernel_routes = (table, {})
+        key = (tuple(map(id, specs)), target, backend, fallback)
+        cached = self._kernel_routes[1].get(key)
+        if cached is None:
+            choice = self._choose_kernel(specs, target, backend, fallback)
+            # The specs stay referenced here, so that their ids in the key are not reused.
+            cached = self._kernel_routes[1][key] = (choice, tuple(specs))
+        return cached[0]
+
+    def _choose_kernel(self, specs: list, target: str | None, backend: str | None, fallback: bool):
+        if target is not None:
+            check_target(target)
         options = [
             (spec, t) for spec in specs for t in (spec.targets if target is None else (target,))
             if backend is None or spec.backend == backend
@@ -747,7 +783,7 @@ class Pool:
                 return best[1], best[2]
         if not self.routes() or any(not r.ready for r in self.routes()):
             self.wait_ready()
-            return self._route_kernel(specs, target, backend, fallback)
+            return self._choose_kernel(specs, target, backend, fallback)
         where = ", ".join(sorted({f"{t} ({s.language})" for s, t in options})) or "nothing that matches"
         raise TargetUnavailable(
             f"no worker in the pool can run kernel {specs[0].name!r} on {where}. The pool serves:\n  "

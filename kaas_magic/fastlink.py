@@ -6,59 +6,109 @@ and the GIL contention of that loop. Here the calling thread itself writes the r
 reads the reply on a blocking socket (with TLS when the pool uses it), and on the worker a
 thread per link reads the request and runs the call itself: no event loop on either side.
 
-Messages are Dask's own message frames (``distributed.protocol.dumps``: msgpack plus
-out-of-band buffers, so arrays are not copied into the header), prefixed by the frame
-count and lengths.
+A message is a pickle (protocol 5) with its buffers out of band, so arrays are never
+copied into it, sent as frames prefixed by their count and lengths. Values inside it were
+serialised beforehand by Dask's serialisers (see serial), one by one, so that a value that
+cannot travel is named. Pickle, not Dask's msgpack framing, because decoding a call took
+Dask's ``loads`` ~35 us against ~5 us here; the trust model is the same (Dask unpickles
+too), and TLS protects the link when the pool uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
 import socket
 import ssl
 import struct
 import threading
 from typing import Any, Callable
 
-from distributed.protocol import dumps, loads
 
 _COUNT = struct.Struct("<Q")
 
 
 def _encode(message: Any) -> list:
-    frames = dumps(message)
+    buffers: list = []
+    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    frames = [head, *(b.raw() for b in buffers)]
     header = _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *(memoryview(f).nbytes for f in frames))
     return [header, *frames]
 
 
+UNIX_BUFFER = 4 * 2**20
+
+
+def tune(sock: socket.socket) -> None:
+    """TCP: no Nagle delay on small messages. Unix sockets: 4 MiB buffers, because with the
+    default ~200 KiB a megabyte crosses in many sender/receiver hand-offs and took twice as
+    long as over TCP here (with 4 MiB it is a little quicker than TCP, and small messages
+    cross in a third of TCP's time)."""
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNIX_BUFFER)
+    else:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _decode(frames: list[bytearray]) -> Any:
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
 def _send(sock: socket.socket, message: Any) -> None:
-    parts = _encode(message)
-    total = sum(memoryview(p).nbytes for p in parts)
-    if total <= 65536 and not isinstance(sock, ssl.SSLSocket):  # one syscall (no sendmsg on TLS)
-        sent = sock.sendmsg(parts)
-        if sent < total:
-            sock.sendall(b"".join(bytes(memoryview(p)) for p in parts)[sent:])
+    parts = [memoryview(p).cast("B") for p in _encode(message)]
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS
+        for part in parts:
+            sock.sendall(part)
         return
-    for part in parts:
-        sock.sendall(part)
+    while parts:  # all parts in as few system calls as the socket takes
+        sent = sock.sendmsg(parts)
+        while parts and sent >= parts[0].nbytes:
+            sent -= parts[0].nbytes
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
 
 
-def _receive_frames(sock: socket.socket) -> list[bytearray]:
-    """One message's frames, each read straight into its own buffer (frames may be large
-    arrays: no copies)."""
-    (count,) = _COUNT.unpack(_exactly(sock, 8))
-    lengths = struct.unpack(f"<{count}Q", _exactly(sock, 8 * count))
-    return [_exactly(sock, n) for n in lengths]
+class _Reader:
+    """Reads messages from a socket. A small message (a call's request, most replies)
+    arrives whole in one system call into a read-ahead buffer; a large frame (an array) is
+    read straight into its own buffer, never copied."""
 
+    AHEAD = 65536
 
-def _exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionResetError("the other side closed the connection")
-        got += n
-    return buffer
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._ahead = bytearray(self.AHEAD)
+        self._start = self._end = 0
+
+    def message(self) -> list[bytearray]:
+        (count,) = _COUNT.unpack(self._read(8))
+        lengths = struct.unpack(f"<{count}Q", self._read(8 * count))
+        return [self._read(n) for n in lengths]
+
+    def _read(self, size: int) -> bytearray:
+        out = bytearray(size)
+        view = memoryview(out)
+        got = min(size, self._end - self._start)
+        view[:got] = memoryview(self._ahead)[self._start:self._start + got]
+        self._start += got
+        while got < size:
+            if size - got >= self.AHEAD:  # large: straight into place
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionResetError("the other side closed the connection")
+                got += n
+                continue
+            n = self.sock.recv_into(self._ahead)
+            if n == 0:
+                raise ConnectionResetError("the other side closed the connection")
+            take = min(n, size - got)
+            view[got:got + take] = memoryview(self._ahead)[:take]
+            got += take
+            self._start, self._end = take, n
+        return out
 
 
 # --- the worker side -------------------------------------------------------------------
@@ -85,43 +135,61 @@ class Replier:
 
 
 class Server:
-    """Serves direct links on a blocking socket, one thread per connection, and runs each
-    message's handler in that thread: a warm call wakes no event loop and hops no thread.
-    A client sends its next message on a link only after the reply to the last, so a
-    connection's thread has one call at a time."""
+    """Serves direct links, one thread per connection, and runs each message's handler in
+    that thread: a warm call wakes no event loop and hops no thread. A client sends its
+    next message on a link only after the reply to the last, so a connection's thread has
+    one call at a time.
 
-    def __init__(self, host: str, handler: Callable[..., dict], ssl_context: ssl.SSLContext | None):
+    It listens on TCP (``host``, a free port) and, for clients on the same machine, on a
+    Unix socket at ``unix_path``: a round trip there costs ~70 us less than over loopback
+    TCP here, and moving a megabyte ~0.3 ms less. Its folder is made private to this user
+    (as Dask's worker folders are); TLS, when the pool uses it, runs over either."""
+
+    def __init__(self, host: str, handler: Callable[..., dict], ssl_context: ssl.SSLContext | None,
+                 unix_path: str | None = None):
         self._handler = handler
         self._ssl = ssl_context
-        self._listener = socket.create_server((host, 0))
-        self.port = self._listener.getsockname()[1]
         self._closed = False
-        threading.Thread(target=self._accept, name="kaas-link-accept", daemon=True).start()
+        self._listeners = [socket.create_server((host, 0))]
+        self.port = self._listeners[0].getsockname()[1]
+        self.unix_path = None
+        if unix_path is not None and hasattr(socket, "AF_UNIX"):
+            try:
+                unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                unix.bind(unix_path)
+                unix.listen()
+                self._listeners.append(unix)
+                self.unix_path = unix_path
+            except OSError:  # e.g. a path over the length limit: TCP only
+                pass
+        for listener in self._listeners:
+            threading.Thread(target=self._accept, args=(listener,), name="kaas-link-accept", daemon=True).start()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError:  # closed
                 return
             threading.Thread(target=self._serve, args=(sock,), name="kaas-link", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune(sock)
             if self._ssl is not None:
                 sock.settimeout(10)  # a handshake that never comes must not hold the thread
                 sock = self._ssl.wrap_socket(sock, server_side=True)
                 sock.settimeout(None)
             replier = Replier(sock)
+            reader = _Reader(sock)
             while not self._closed:
                 try:
-                    frames = _receive_frames(sock)
+                    frames = reader.message()
                 except (ConnectionError, OSError):  # the client closed the link
                     return
                 try:
-                    message = loads(frames, deserialize=True)
-                except Exception as e:  # e.g. an input whose class does not exist here
+                    message = _decode(frames)
+                except Exception as e:  # noqa: BLE001 - not a message of ours
                     replier.write({"kind": "refused", "text": f"{type(e).__name__}: {e}"})
                     continue
                 message.pop("op", None)
@@ -129,7 +197,8 @@ class Server:
                     reply = self._handler(replier, **message)
                 except BaseException as e:  # noqa: BLE001 - e.g. a stop that landed late
                     reply = {"kind": "refused", "text": f"{type(e).__name__}: {e}"}
-                replier.write(reply)
+                if reply is not None:  # None: the handler has answered already
+                    replier.write(reply)
         except (ConnectionError, OSError):  # the client went away mid-reply
             pass
         finally:
@@ -140,43 +209,68 @@ class Server:
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            self._listener.close()
-        except OSError:
-            pass
+        for listener in self._listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+                listener.close()
+            except OSError:
+                pass
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
 
 
 # --- the client side -------------------------------------------------------------------
 
 
 class Link:
-    """One blocking connection to one worker, used by one thread at a time."""
+    """One blocking connection to one worker, used by one thread at a time: over the
+    worker's Unix socket when it runs on this machine, else over TCP."""
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, timeout: float = 5):
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, endpoint: dict, ssl_context: ssl.SSLContext | None, timeout: float = 5):
+        host = endpoint["host"]
+        sock = _connect_unix(endpoint) or socket.create_connection((host, endpoint["port"]), timeout=timeout)
+        tune(sock)
         if ssl_context is not None:
+            sock.settimeout(timeout)
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
         sock.settimeout(None)  # a call may run for as long as it needs
         self.sock = sock
+        self._reader = _Reader(sock)
 
     def send(self, message: Any) -> None:
         _send(self.sock, message)
 
     def receive(self, timeout: float | None = None) -> Any:
+        if timeout is None:
+            return _decode(self._reader.message())
         self.sock.settimeout(timeout)
         try:
-            frames = _receive_frames(self.sock)
+            return _decode(self._reader.message())
         finally:
             self.sock.settimeout(None)
-        return loads(frames, deserialize=False)
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def _connect_unix(endpoint: dict) -> socket.socket | None:
+    """A connection to the worker's Unix socket, when the worker runs on this machine (same
+    host name and the socket is there: not a look-alike container); None otherwise."""
+    path = endpoint.get("unix")
+    if not path or endpoint.get("hostname") != socket.gethostname() or not os.path.exists(path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5)
+        sock.connect(path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
 
 
 class Links:
@@ -188,16 +282,16 @@ class Links:
         self._idle: dict[tuple[str, int], list[Link]] = {}
         self._lock = threading.Lock()
 
-    def take(self, host: str, port: int) -> Link:
+    def take(self, endpoint: dict) -> Link:
         with self._lock:
-            idle = self._idle.get((host, port))
+            idle = self._idle.get((endpoint["host"], endpoint["port"]))
             if idle:
                 return idle.pop()
-        return Link(host, port, self._ssl)
+        return Link(endpoint, self._ssl)
 
-    def give_back(self, host: str, port: int, link: Link) -> None:
+    def give_back(self, endpoint: dict, link: Link) -> None:
         with self._lock:
-            self._idle.setdefault((host, port), []).append(link)
+            self._idle.setdefault((endpoint["host"], endpoint["port"]), []).append(link)
 
     def close(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ Library kernels carry the signature and launch geometry in header comments::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -87,7 +88,7 @@ class KernelSpec:
     def backend(self) -> str:
         return LANGUAGES[self.language][0]
 
-    @property
+    @functools.cached_property  # asked on every call; a frozen dataclass still has a __dict__
     def digest(self) -> str:
         text = "\0".join([self.language, self.name, self.source, " ".join(self.options)])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -252,11 +253,22 @@ def suggest_signature(source: str, name: str) -> str:
 # --- binding a call's arguments ---------------------------------------------------------
 
 
+_DIM_FUNCTIONS = {"__builtins__": {}, "cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+
+
+@functools.lru_cache(maxsize=1024)
+def _dim_code(expr: str):
+    return compile(expr, "<dim>", "eval")
+
+
 def _eval_dim(expr: str, dims: dict[str, int], kernel: str) -> int:
+    """A size from the signature: a number, a dim (``n``) or an expression (``cdiv(n, 256)``)."""
+    if expr in dims:
+        return dims[expr]
     if expr.isdigit():
         return int(expr)
     try:
-        value = eval(expr, {"__builtins__": {}, "cdiv": lambda a, b: -(-a // b), "min": min, "max": max}, dict(dims))
+        value = eval(_dim_code(expr), _DIM_FUNCTIONS, dict(dims))
     except NameError as e:
         raise KernelArgumentError(f"kernel {kernel!r}: the size {expr!r} uses an unknown dim ({e})") from None
     return int(value)

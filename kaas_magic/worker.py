@@ -27,9 +27,11 @@ import linecache
 import logging
 import os
 import pickle
+import random
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -42,7 +44,7 @@ from . import backends, compile_cache, serial
 from .backends.base import Offer, Session, map_containers
 from .cellcode import padded
 from .device_slot import DeviceSlot, LeftQueue
-from .errors import CallTimeout, DeviceOutOfMemory
+from .errors import CallTimeout, DeviceOutOfMemory, KaasError
 from .handles import BufferStore, HandleRef, is_array
 from .stopping import RunningCall, StopCall, Watchdog
 from .targets import KIND_ORDER, READY_RESOURCE
@@ -175,12 +177,14 @@ class WorkerRuntime:
         self.running: dict[str, tuple[RunningCall, DeviceSlot, _CallStream | None]] = {}
         self.watchdog = Watchdog(lambda call_id: self._stop(call_id, "timeout"))
         self._stats_lock = threading.Lock()
+        self._keep_budgets: dict[str, int] = {}
         self.buffers = BufferStore(self._keep_budget)
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
         _keep_buffers_in_the_heap()
         self.offers: dict[str, Offer] = {}
         self.sessions: dict[str, Session] = {}
+        self._sessions_for: dict[tuple, list[Session]] = {}
         self.backend_state: dict[str, str] = {
             name: "pending" for name in config.get("backends", ["numpy"])
         }
@@ -320,8 +324,17 @@ class WorkerRuntime:
         if self.worker.address.startswith("tls://"):
             ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
         host = get_address_host(self.worker.address)
-        server = fastlink.Server(host, self.handle_call, ssl_context)
-        return {"host": host, "port": server.port}, server
+        server = fastlink.Server(host, self.handle_call, ssl_context, unix_path=self._link_path())
+        return {"host": host, "port": server.port, "unix": server.unix_path, "hostname": self.host}, server
+
+    def _link_path(self) -> str:
+        """Where the Unix socket for local clients goes: the worker's own folder (private,
+        removed with the worker) when its path is short enough for a socket, else a fresh
+        private temporary folder."""
+        path = os.path.join(self.worker.local_directory, "kaas-link.sock")
+        if len(path.encode()) < 100:
+            return path
+        return os.path.join(tempfile.mkdtemp(prefix="kaas-"), "link.sock")
 
     async def handle_endpoint(self) -> dict | None:
         return self.endpoint
@@ -410,8 +423,8 @@ class WorkerRuntime:
                 namespace["to_device"] = session.to_device
                 namespace["__name__"] = "__kaas__"
                 namespace["__builtins__"] = builtins
-                for name, value in msg["inputs"].items():
-                    namespace[name] = self._resolve_handles(value, client, session)
+                for name, packed in msg["inputs"].items():
+                    namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session)
                 t1 = time.perf_counter()
                 timings["setup"] = t1 - t0
                 try:
@@ -460,6 +473,15 @@ class WorkerRuntime:
         return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "kept": kept,
                 "timings": timings, "kernels": kernels.states if kernels else {}}
 
+    def _unpack(self, name: str, packed: serial.Packed) -> Any:
+        try:
+            return serial.loads(packed)
+        except Exception as e:
+            raise KaasError(
+                f"variable {name!r} could not be rebuilt on worker {self.worker.address}: {type(e).__name__}: {e}. "
+                f"Nothing was run. The worker needs the packages (and versions) the notebook has for it."
+            ) from None
+
     # -- data kept on the device between calls --
 
     def _resolve_handles(self, value: Any, client: str, session: Session) -> Any:
@@ -478,18 +500,22 @@ class WorkerRuntime:
     def _keep(self, value: Any, client: str, session: Session) -> dict | list:
         if isinstance(value, (list, tuple)):
             return [self._keep(v, client, session) for v in value]
-        id = uuid.uuid4().hex
+        # Random, so that a restarted worker's ids never match a dead one's handles; not
+        # from os.urandom, a slow system call on some VMs (ids are namespaced per client).
+        id = f"{random.getrandbits(128):032x}"
         self.buffers.put(client, id, value, session.device_id)
         return {"id": id, "shape": list(value.shape), "dtype": str(value.dtype), "nbytes": int(value.nbytes),
                 "type": f"{type(value).__module__}.{type(value).__qualname__}"}
 
     def _keep_budget(self, device_id: str) -> int:
-        configured = (self.config.get("keep") or {}).get("max-bytes")
-        if configured:
-            return int(configured)
-        session = next((s for s in self.sessions.values() if s.device_id == device_id), None)
-        total = session.memory()[1] if session is not None else None
-        return int(total * 0.5) if total else 2**31
+        budget = self._keep_budgets.get(device_id)
+        if budget is None:
+            configured = (self.config.get("keep") or {}).get("max-bytes")
+            session = next((s for s in self.sessions.values() if s.device_id == device_id), None)
+            total = session.memory()[1] if session is not None and not configured else None
+            budget = self._keep_budgets[device_id] = int(configured) if configured else (
+                int(total * 0.5) if total else 2**31)
+        return budget
 
     async def handle_free(self, client: str = "", ids=(), everything: bool = False) -> int:
         if everything:  # the client closed its pool
@@ -521,8 +547,13 @@ class WorkerRuntime:
         return self.library
 
     def sessions_for(self, backend: str, prefer: Session | None = None) -> list[Session]:
-        found = [s for r, s in self.sessions.items() if r.split("/")[2] == backend]
-        found.sort(key=lambda s: (s is not prefer, s.offer.service.kind != "device"))
+        """This worker's sessions of ``backend``: ``prefer`` first, then real devices."""
+        key = (backend, id(prefer), len(self.sessions))  # sessions are only ever added
+        found = self._sessions_for.get(key)
+        if found is None:
+            found = [s for r, s in self.sessions.items() if r.split("/")[2] == backend]
+            found.sort(key=lambda s: (s is not prefer, s.offer.service.kind != "device"))
+            self._sessions_for[key] = found
         return found
 
     def _warm_library(self) -> None:
