@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import concurrent.futures
 import io
 import itertools
@@ -134,6 +135,7 @@ class Pool:
         """Use an existing Dask scheduler (any deployment: jobqueue, Kubernetes, Gateway)."""
         from distributed import Client
 
+        failure = None
         try:
             client = Client(address, security=security, timeout=timeout, set_as_default=False)
         except Exception as e:
@@ -141,9 +143,15 @@ class Pool:
             if address.startswith("tls://"):
                 hint = (" A tls:// scheduler needs security=distributed.security.Security(tls_ca_file=..., "
                         "tls_client_cert=..., tls_client_key=...) with a certificate its CA signed.")
-            raise SchedulerUnreachable(
-                f"could not connect to the Dask scheduler at {address}: {type(e).__name__}: {e}.{hint}"
-            ) from e
+            failure = SchedulerUnreachable(
+                f"could not connect to the Dask scheduler at {address}: {type(e).__name__}: {e}.{hint}")
+            failure.__cause__ = e.with_traceback(None)
+        if failure is not None:
+            # The half-made Client is garbage now. Collect it here: its __del__ takes the lock
+            # of Dask's shared loop runner, and run later by chance (during the next Client's
+            # start, which holds that lock) it deadlocked a test process once.
+            gc.collect()
+            raise failure
         return cls(client)
 
     def _register_plugin(self) -> None:
