@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> list[str]:
     a, b = rng.random(SMALL_N, dtype=np.float32), rng.random(SMALL_N, dtype=np.float32)
     ca, cb = rng.random(CHAIN_N, dtype=np.float32), rng.random(CHAIN_N, dtype=np.float32)
     expected_chain = float(np.sum(2.0 * (ca.astype(np.float64) + cb) + cb))
-    n, chain_n = args.calls, max(10, args.calls // 10)
+    n, chain_n = args.calls, max(10, args.calls // 5)
     sink = io.StringIO()
     lines: list[str] = []
 

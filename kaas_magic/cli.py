@@ -10,6 +10,8 @@ import sys
 
 def _worker(args: argparse.Namespace) -> int:
     """Start Dask worker(s) that serve this machine's devices to a scheduler."""
+    from . import config as kaas_config
+
     command = [
         sys.executable, "-m", "distributed.cli.dask_worker", args.scheduler,
         "--preload", "kaas_magic.preload",
@@ -27,6 +29,9 @@ def _worker(args: argparse.Namespace) -> int:
         if value:
             command += [f"--{flag.replace('_', '-')}", value]
     env = dict(os.environ)
+    # See kaas.pool.worker-profiler: Dask's sampling profiler slows warm calls.
+    env.setdefault("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED",
+                   "True" if kaas_config.get("pool.worker-profiler", False) else "False")
     if args.concurrency:
         env["DASK_KAAS__POOL__CONCURRENCY"] = str(args.concurrency)
     if args.fallback is not None:

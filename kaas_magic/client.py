@@ -116,6 +116,7 @@ class Pool:
     @classmethod
     def start(cls, n_workers: int | None = None, **cluster_kwargs) -> "Pool":
         """Start an embedded LocalCluster of worker processes, on 127.0.0.1 only."""
+        import dask.config
         from distributed import Client, LocalCluster
 
         n_workers = n_workers or int(kaas_config.get("pool.n-workers", 2))
@@ -124,9 +125,12 @@ class Pool:
         # Loopback only: whoever reaches the pool can run code on it.
         cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
         cluster_kwargs.setdefault("worker_dashboard_address", "127.0.0.1:0")
-        cluster = LocalCluster(
-            n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
-        )
+        # Nannies hand their config to the worker processes they start (and restart).
+        profiler = bool(kaas_config.get("pool.worker-profiler", False))
+        with dask.config.set({"distributed.worker.profile.enabled": profiler}):
+            cluster = LocalCluster(
+                n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
+            )
         client = Client(cluster, set_as_default=False)
         return cls(client, cluster)
 

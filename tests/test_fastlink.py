@@ -174,6 +174,15 @@ def test_local_workers_are_reached_over_a_unix_socket(pool):
     assert pool.run("x = 6 * 7", "cpu").outputs["x"] == 42
 
 
+# A lambda travels by value: the workers need not import this test module.
+_profiler_enabled = lambda: __import__("dask").config.get("distributed.worker.profile.enabled")  # noqa: E731
+
+
+def test_embedded_workers_run_without_dasks_sampling_profiler(pool):
+    # kaas.pool.worker-profiler (default false): it sampled every thread every 10 ms.
+    assert set(pool.client.run(_profiler_enabled).values()) == {False}
+
+
 def test_an_input_the_worker_cannot_rebuild_is_named(pool, tmp_path, monkeypatch):
     # A module only this process can import: the value pickles here but not on the worker.
     (tmp_path / "only_here_kaas.py").write_text(textwrap.dedent("""

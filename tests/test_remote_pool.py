@@ -74,6 +74,10 @@ def connect_when_up(address: str) -> Pool:
             time.sleep(0.5)
 
 
+# A lambda travels by value: the workers need not import this test module.
+_profiler_enabled = lambda: __import__("dask").config.get("distributed.worker.profile.enabled")  # noqa: E731
+
+
 def test_kaas_worker_serves_its_devices_to_a_remote_scheduler(remote):
     with connect_when_up(remote) as pool:
         pool.wait_ready(timeout=120)
@@ -88,6 +92,8 @@ def test_kaas_worker_serves_its_devices_to_a_remote_scheduler(remote):
         assert result.record.worker == routes[0].address
         with pytest.raises(kaas_magic.TargetUnavailable, match="qpu qiskit simulator"):
             pool.run("r = 1", "tpu", fallback=True)
+        # kaas.pool.worker-profiler: Dask's sampling profiler is off on the workers kaas starts.
+        assert list(pool.client.run(_profiler_enabled).values()) == [False]
 
 
 def test_magic_connect_switches_the_default_pool(remote, shell, pool):
