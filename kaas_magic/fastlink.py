@@ -1,4 +1,4 @@
-"""The hot path's wire: a direct TCP link from the calling thread to a worker.
+"""The hot path's wire: a direct link (Unix socket or TCP) from the calling thread to a worker.
 
 Dask's comms serve everything else (status, metrics, freeing buffers, cancelling), but a
 warm call is the product, and going through the client's event loop costs two thread hops
@@ -26,7 +26,6 @@ import threading
 from typing import Any, Callable
 
 import numpy
-
 
 _COUNT = struct.Struct("<Q")
 
