@@ -59,13 +59,10 @@ def dumps(value: Any) -> Packed:
 
 
 def _plain_pickle(value: Any) -> Packed | None:
-    """Most call arguments (scalars, handles, tuples of arrays) need only plain pickle with
-    arrays out of band, in the form Dask's "pickle" serialiser reads. Going straight to it
-    skips Dask's dispatch and saves tens of microseconds a call. None when Dask must decide:
-    a bare array (its "dask" serialiser is quicker still), something pickle refuses, or
-    something defined in ``__main__`` (cloudpickle sends it by value)."""
-    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
-        return None
+    """Most values (scalars, handles, NumPy arrays and tuples of them) need only plain pickle
+    with arrays out of band, in the form Dask's "pickle" serialiser reads. Going straight to
+    it skips Dask's dispatch on both ends. None when Dask must decide: something pickle
+    refuses, or something defined in ``__main__`` (cloudpickle sends it by value)."""
     buffers: list = []
     try:
         head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
