@@ -1,8 +1,9 @@
-"""Moving values between notebook and worker with Dask's serialisers.
+"""Moving values between notebook and worker.
 
-NumPy arrays travel as zero-copy frames ("dask" family); anything else through
-pickle/cloudpickle. Serialising eagerly lets us refuse, by name, a value that cannot travel
-before anything runs, and count the bytes moved.
+Plain pickle (protocol 5, arrays out of band, never copied) for what it can carry, in the
+form Dask's "pickle" serialiser reads; Dask's serialisers (cloudpickle, its "dask" family)
+for the rest. Serialising each value eagerly lets us refuse, by name, a value that cannot
+travel before anything runs, and count the bytes moved.
 """
 
 from __future__ import annotations
