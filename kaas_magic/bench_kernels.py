@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench import WARMUP, _header, _measure
+from .bench import WARMUP, _header
 from .fastlink import tune
 
 SMALL_N = 100_000

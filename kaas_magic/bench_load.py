@@ -105,7 +105,7 @@ def run_load(address: str, clients: int, seconds: float) -> tuple[list[str], dic
         f"load: {clients} client processes x {seconds:g} s, mixed targets ({', '.join(KINDS)})",
         f"  calls {totals['calls']}, throughput {totals['calls'] / seconds:.1f} calls/s "
         f"(wall {wall:.1f} s incl. process start), p50 {p50:.2f} ms, p99 {p99:.2f} ms",
-        f"  per kind: " + ", ".join(f"{k} {kinds[k]}" for k in KINDS),
+        "  per kind: " + ", ".join(f"{k} {kinds[k]}" for k in KINDS),
         f"  wrong results {totals['wrong']}, lost {totals['lost']}, errors {totals['errors']}"
         + (f" ({dict(errors)})" if errors else ""),
         f"  every client reported: {totals['reported_clients'] == clients}",

@@ -447,7 +447,6 @@ class Pool:
         t_serialized = time.perf_counter()
 
         message = {
-            "op": "kaas_run",
             "service": service.resource,
             "code": code,
             "filename": filename,
@@ -889,7 +888,7 @@ class Pool:
         from . import backends
         from .cellcode import analyse
 
-        filename = options.get("filename") or f"<kaas-cell>"
+        filename = options.get("filename") or "<kaas-cell>"
         options["filename"] = filename
         info = analyse(code, filename, options.get("line_offset", 0))
         if inputs is None:

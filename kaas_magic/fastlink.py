@@ -8,10 +8,10 @@ thread per link reads the request and runs the call itself: no event loop on eit
 
 A message is a pickle (protocol 5) with its buffers out of band, so arrays are never
 copied into it, sent as frames prefixed by their count and lengths. Values inside it were
-serialised beforehand by Dask's serialisers (see serial), one by one, so that a value that
-cannot travel is named. Pickle, not Dask's msgpack framing, because decoding a call took
-Dask's ``loads`` ~35 us against ~5 us here; the trust model is the same (Dask unpickles
-too), and TLS protects the link when the pool uses it.
+serialised beforehand, one by one (see serial), so that a value that
+cannot travel is named. Pickle, not Dask's msgpack framing, because Dask's ``loads`` took
+several times longer to decode a call; the trust model is the same (Dask unpickles too),
+and TLS protects the link when the pool uses it.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ UNIX_BUFFER = 4 * 2**20
 
 def tune(sock: socket.socket) -> None:
     """TCP: no Nagle delay on small messages. Unix sockets: 4 MiB buffers, because with the
-    default ~200 KiB a megabyte crosses in many sender/receiver hand-offs and took twice as
-    long as over TCP here (with 4 MiB it is a little quicker than TCP, and small messages
-    cross in a third of TCP's time)."""
+    default ~200 KiB a megabyte crosses in many sender/receiver hand-offs and was slower
+    than over TCP here; with 4 MiB it is quicker."""
     if sock.family == getattr(socket, "AF_UNIX", None):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNIX_BUFFER)
@@ -90,8 +89,8 @@ class _Reader:
         return [self._read(n) for n in lengths]
 
     def _read(self, size: int):
-        # A large frame goes into uninitialised memory: zero-filling it first (bytearray)
-        # cost ~20 us per 400 KB for bytes that are overwritten at once.
+        # A large frame goes into uninitialised memory: a bytearray would zero-fill bytes
+        # that are overwritten at once.
         out = bytearray(size) if size < self.AHEAD else numpy.empty(size, numpy.uint8)
         view = memoryview(out)
         got = min(size, self._end - self._start)
@@ -144,9 +143,10 @@ class Server:
     one call at a time.
 
     It listens on TCP (``host``, a free port) and, for clients on the same machine, on a
-    Unix socket at ``unix_path``: a round trip there costs ~70 us less than over loopback
-    TCP here, and moving a megabyte ~0.3 ms less. Its folder is made private to this user
-    (as Dask's worker folders are); TLS, when the pool uses it, runs over either."""
+    Unix socket at ``unix_path``, which is cheaper than loopback TCP for small and large
+    messages alike (``kaas bench kernels`` prints the bare cost of both). Its folder is
+    private to this user (as Dask's worker folders are); TLS, when the pool uses it, runs
+    over either."""
 
     def __init__(self, host: str, handler: Callable[..., dict], ssl_context: ssl.SSLContext | None,
                  unix_path: str | None = None):
@@ -195,7 +195,6 @@ class Server:
                 except Exception as e:  # noqa: BLE001 - not a message of ours
                     replier.write({"kind": "refused", "text": f"{type(e).__name__}: {e}"})
                     continue
-                message.pop("op", None)
                 try:
                     reply = self._handler(replier, **message)
                 except BaseException as e:  # noqa: BLE001 - e.g. a stop that landed late

@@ -17,7 +17,7 @@ _PICKLE_LOGGER = logging.getLogger("distributed.protocol.pickle")
 
 
 class Packed:
-    """One value serialised by Dask's serialisers: a small header and its frames. Pickled
+    """One value serialised (plain pickle or Dask's serialisers): a header and its frames. Pickled
     (as the direct link does with its messages) the frames go as out-of-band buffers, so an
     array is never copied into the message."""
 

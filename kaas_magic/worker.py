@@ -184,7 +184,6 @@ class WorkerRuntime:
         _keep_buffers_in_the_heap()
         self.offers: dict[str, Offer] = {}
         self.sessions: dict[str, Session] = {}
-        self._sessions_for: dict[tuple, list[Session]] = {}
         self.backend_state: dict[str, str] = {
             name: "pending" for name in config.get("backends", ["numpy"])
         }
@@ -272,10 +271,7 @@ class WorkerRuntime:
         try:
             session, warm_wait = self._session_for(msg["service"])
         except LookupError as e:
-            timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": 0.0, "to_host": 0.0}
-            return {"kind": "result", "ok": False, "error": _error_payload(e, None), "outputs": {}, "kept": {},
-                    "timings": timings, "worker": self.worker.address, "host": self.host,
-                    "received_at": received_at, "replied_at": time.time()}
+            return self._addressed(_failed_reply(e), "", received_at)
         slot = self.slot(session)
         call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
         self.running[call.id] = (call, slot, None)  # a queued call can be cancelled too
@@ -288,16 +284,15 @@ class WorkerRuntime:
                 with slot.turn(give_up=lambda: call.reason is not None) as waited:
                     stream = _CallStream(replier, self.loop)
                     self.running[call.id] = (call, slot, stream)
-                    reply = self._execute(session, msg, stream, time.perf_counter(), call)
+                    reply = self._execute(session, msg, stream, call)
                     stream.finish()
             except LeftQueue:
                 waited = time.perf_counter() - received_at
-                reply = self._stopped_reply(call, replaced=False)
+                reply = _failed_reply(_stop_error(call, self.worker.address, replaced=False))
             if call.abandoned:  # already answered by _escalate; this process is on its way out
                 return None
             slot.finished(time.time() - received_at, reply["ok"])
-            reply["timings"]["warm_wait"] = warm_wait
-            reply["timings"]["queue"] += waited
+            reply["timings"].update(warm_wait=warm_wait, queue=waited)
             with self._stats_lock:
                 self.calls[msg["service"]] += 1
                 self.errors += 0 if reply["ok"] else 1
@@ -362,7 +357,8 @@ class WorkerRuntime:
             return
         call.abandoned = True
         stream.finish()
-        reply = self._addressed(self._stopped_reply(call, replaced=True), "", time.time())
+        error = _stop_error(call, self.worker.address, replaced=True)
+        reply = self._addressed(_failed_reply(error, execute=call.timeout or 0.0, worker_exiting=True), "", time.time())
         try:
             stream.replier.write(reply, timeout=0.2)
         except OSError:
@@ -370,13 +366,6 @@ class WorkerRuntime:
         logger.error("kaas call %s did not stop within %.1f s of its %s; replacing worker %s",
                      call.id, self.GRACE, call.reason, self.worker.address)
         self.loop.call_later(0.5, os._exit, 75)
-
-    def _stopped_reply(self, call: RunningCall, replaced: bool) -> dict:
-        error = _error_payload(_stop_error(call, self.worker.address, replaced=replaced), None)
-        timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": (call.timeout or 0.0) if replaced else 0.0,
-                   "to_host": 0.0}
-        return {"ok": False, "outputs": {}, "skipped": {}, "error": error, "kept": {}, "timings": timings,
-                "kernels": {}, "worker_exiting": replaced}
 
     async def handle_cancel(self, call_id: str = "", reason: str = "interrupt") -> bool:
         return self._stop(call_id, reason)
@@ -398,11 +387,10 @@ class WorkerRuntime:
                 self._code_cache.popitem(last=False)
         return code
 
-    def _execute(self, session: Session, msg: dict, output: _CallStream, enqueued: float,
-                 call: RunningCall) -> dict:
-        """Runs in the thread serving the caller's link."""
+    def _execute(self, session: Session, msg: dict, output: _CallStream, call: RunningCall) -> dict:
+        """Runs in the thread serving the caller's link, once the device's turn has come."""
         t0 = time.perf_counter()
-        timings = {"queue": t0 - enqueued}
+        timings: dict[str, float] = {}
         outputs: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         error = None
@@ -508,14 +496,14 @@ class WorkerRuntime:
                 "type": f"{type(value).__module__}.{type(value).__qualname__}"}
 
     def _keep_budget(self, device_id: str) -> int:
-        budget = self._keep_budgets.get(device_id)
-        if budget is None:
+        """Bytes of kept buffers a device holds before evicting (asked on every keep; a
+        device's size does not change, so it is worked out once)."""
+        if device_id not in self._keep_budgets:
             configured = (self.config.get("keep") or {}).get("max-bytes")
             session = next((s for s in self.sessions.values() if s.device_id == device_id), None)
-            total = session.memory()[1] if session is not None and not configured else None
-            budget = self._keep_budgets[device_id] = int(configured) if configured else (
-                int(total * 0.5) if total else 2**31)
-        return budget
+            total = None if configured or session is None else session.memory()[1]
+            self._keep_budgets[device_id] = int(configured or (total * 0.5 if total else 2**31))
+        return self._keep_budgets[device_id]
 
     async def handle_free(self, client: str = "", ids=(), everything: bool = False) -> int:
         if everything:  # the client closed its pool
@@ -548,12 +536,8 @@ class WorkerRuntime:
 
     def sessions_for(self, backend: str, prefer: Session | None = None) -> list[Session]:
         """This worker's sessions of ``backend``: ``prefer`` first, then real devices."""
-        key = (backend, id(prefer), len(self.sessions))  # sessions are only ever added
-        found = self._sessions_for.get(key)
-        if found is None:
-            found = [s for r, s in self.sessions.items() if r.split("/")[2] == backend]
-            found.sort(key=lambda s: (s is not prefer, s.offer.service.kind != "device"))
-            self._sessions_for[key] = found
+        found = [s for r, s in self.sessions.items() if r.split("/")[2] == backend]
+        found.sort(key=lambda s: (s is not prefer, s.offer.service.kind != "device"))
         return found
 
     def _warm_library(self) -> None:
@@ -663,6 +647,13 @@ class WorkerRuntime:
                 "warm_kernels": sorted(n for n, st in stats.items() if st["compiles"] + st["disk_loads"] + st["cache_hits"]),
             })
         return rows
+
+
+def _failed_reply(exc: BaseException, execute: float = 0.0, worker_exiting: bool = False) -> dict:
+    """The reply of a call that ended before or instead of running its code."""
+    timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": execute, "to_host": 0.0}
+    return {"ok": False, "outputs": {}, "skipped": {}, "error": _error_payload(exc, None), "kept": {},
+            "timings": timings, "kernels": {}, "worker_exiting": worker_exiting}
 
 
 def _stop_error(call: RunningCall, worker: str, replaced: bool) -> BaseException:

@@ -111,7 +111,6 @@ class OpenCLSession(Session):
             ) from None
 
     def launch(self, spec, program, args: tuple, kwargs: dict):
-        import numpy
         import pyopencl as cl
         import pyopencl.array as cl_array
 
@@ -133,9 +132,9 @@ class OpenCLSession(Session):
 
         result = launch_c_kernel(
             spec, args, kwargs,
-            # Plain buffers, no memory pool: on PoCL a pool made each upload 30-200 us slower
-            # than letting the runtime allocate (whose memory the worker's malloc settings
-            # keep warm), for 400 KB and 16 MiB arrays alike.
+            # Plain buffers, no memory pool: on PoCL a pool made uploads slower than letting
+            # the runtime allocate (whose memory the worker's malloc settings keep warm), for
+            # 400 KB and 16 MiB arrays alike.
             allocate=lambda shape, dtype: cl_array.empty(queue, shape, dtype),
             upload=lambda v: v if isinstance(v, cl_array.Array) else self.to_device(v),
             pointer=lambda array: array.data,
@@ -150,7 +149,7 @@ class OpenCLSession(Session):
 
     def to_device(self, value: Any) -> Any:
         """A device copy of a host array, copied as the buffer is made (COPY_HOST_PTR): no
-        command goes through the queue, which on PoCL saved ~40 us per upload here."""
+        command goes through the queue, which made uploads quicker on PoCL."""
         import numpy
         import pyopencl as cl
         import pyopencl.array as cl_array
