@@ -44,6 +44,7 @@ from .errors import (
 )
 from .fastlink import Links
 from .handles import DeviceHandle, handles_in
+from .kernelspec import bind
 from .record import RunRecord, Timings
 from .targets import DEFAULT_BACKEND, KIND_ORDER, READY_RESOURCE, TARGETS, Service, check_backend, check_target
 
@@ -413,24 +414,37 @@ class Pool:
         """
         from .cellcode import analyse
 
-        if self._closed:
-            raise PoolNotRunning("this pool is closed; start or connect a new one")
-        if self._scheduler_lost():
-            raise self._lost_scheduler_error()
-        if timeout is None:
-            timeout = kaas_config.get("timeout")
-        if timeout is not None and float(timeout) <= 0:
-            raise KaasError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        started_wall = time.time()
         t_start = time.perf_counter()
-        call_id = f"{os.getpid()}-{next(self._counter)}-{random.getrandbits(24):06x}"
+        self._check_usable()
         # Named by content, so that running the same code again hits the parse cache here
         # and the compile cache on the worker.
         filename = filename or f"<kaas-cell-{zlib.crc32(code.encode()):08x}>"
         info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
-        outputs_explicit = outputs is not None
-        output_names = list(outputs) if outputs is not None else list(info.writes)
-        inputs = dict(inputs or {})
+        body = {
+            "code": code, "filename": filename, "line_offset": line_offset,
+            "outputs_explicit": outputs is not None,
+            "kernels": [k.to_dict() for k in self._kernels.values()] if "kernels" in info.reads else [],
+        }
+        return self._submit(body, target, dict(inputs or {}), list(outputs) if outputs is not None else list(info.writes),
+                            backend=backend, fallback=fallback, worker=worker, stdout=stdout, stderr=stderr,
+                            keep=keep, progress=progress, timeout=timeout, retries=retries, t_start=t_start)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise PoolNotRunning("this pool is closed; start or connect a new one")
+        if self._scheduler_lost():
+            raise self._lost_scheduler_error()
+
+    def _submit(self, body: dict, target: str, inputs: dict, output_names: list[str], *, backend, fallback,
+                worker, stdout, stderr, keep, progress, timeout, retries, t_start: float) -> RunResult:
+        """What run() and call() share: route, send, relay, rebuild, record. ``body`` says
+        what runs: cell code, or (from call()) one registered kernel."""
+        if timeout is None:
+            timeout = kaas_config.get("timeout")
+        if timeout is not None and float(timeout) <= 0:
+            raise KaasError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        started_wall = time.time() - (time.perf_counter() - t_start)
+        call_id = f"{os.getpid()}-{next(self._counter)}-{random.getrandbits(24):06x}"
 
         route, service, waited, inputs = self._route_with_data(target, backend, fallback, worker, inputs)
         record = RunRecord(
@@ -447,14 +461,10 @@ class Pool:
         t_serialized = time.perf_counter()
 
         message = {
+            **body,
             "service": service.resource,
-            "code": code,
-            "filename": filename,
-            "line_offset": line_offset,
             "inputs": serialized,
             "outputs": output_names,
-            "outputs_explicit": outputs_explicit,
-            "kernels": [k.to_dict() for k in self._kernels.values()] if "kernels" in info.reads else [],
             "client": self.client_id,
             "call_id": call_id,
             "timeout": float(timeout) if timeout is not None else None,
@@ -808,18 +818,21 @@ class Pool:
         """Run kernel ``name`` with ``args`` on the best device that can, and return its
         result as host values (``keep=True``: as handles to device buffers). Arguments are
         checked against the signature before launch; handles among them are used in place."""
-        from .kernelspec import bind
-
+        t_start = time.perf_counter()
+        self._check_usable()
         specs = self._kernel_specs(name)
         spec, target = self._route_kernel(specs, target, backend, fallback)
         if spec.params is not None:
-            bind(spec, args, dict(kwargs))  # fail here, naming the argument, before sending
-        result = self.run(
-            f"__result = kernels.{name}(*__args, **__kwargs)", target,
-            inputs={"__args": args, "__kwargs": kwargs}, outputs=["__result"],
-            backend=spec.backend, fallback=True, stdout=io.StringIO(),
-            filename=f"<kaas call {name}>", keep=keep, timeout=timeout,
-        )
+            # Fails here, naming the argument, before anything is sent. The arguments then
+            # travel by parameter name (an error sending one names it).
+            inputs = bind(spec, args, kwargs).values
+        else:  # a Python kernel taking any arguments
+            inputs = {"__args": args, "__kwargs": kwargs}
+        body = {"kernel": name, "kernels": [spec.to_dict()] if spec.origin == "user" else [],
+                "filename": f"<kaas call {name}>"}
+        result = self._submit(body, target, inputs, ["__result"], backend=spec.backend, fallback=True, worker=None,
+                              stdout=io.StringIO(), stderr=None, keep=keep, progress=None, timeout=timeout,
+                              retries=0, t_start=t_start)
         return result.outputs["__result"]
 
     def register(self, source: str, language: str, *, signature: str | None = None,

@@ -33,7 +33,14 @@ def get(key: str, default: Any = None) -> Any:
     import dask.config
 
     _load_defaults()
-    return dask.config.get(f"kaas.{key}", default=default)
+    # Read on every call: straight from Dask's dict when the keys are spelt as in
+    # kaas.yaml (dask.config.get's key normalising costs more than the rest of a lookup).
+    node = dask.config.config.get("kaas")
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return dask.config.get(f"kaas.{key}", default=default)
+        node = node[part]
+    return node
 
 
 def snapshot() -> dict:

@@ -93,6 +93,11 @@ class KernelSpec:
         text = "\0".join([self.language, self.name, self.source, " ".join(self.options)])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
+    @functools.cached_property
+    def bind_plan(self) -> "_BindPlan":
+        """The signature as bind walks it, worked out once (bind runs on every call)."""
+        return _bind_plan(self.params or ())
+
     @property
     def inputs(self) -> list[Param]:
         return [p for p in self.params or () if p.role != "out"]
@@ -286,55 +291,93 @@ class Bound:
         return tuple(_eval_dim(g, self.dims, spec.name) for g in spec.grid)
 
 
-def bind(spec: KernelSpec, args: tuple, kwargs: dict, *, shape_of=np.shape, dtype_of=None) -> Bound:
+@dataclass(frozen=True)
+class _ParamPlan:
+    """What bind needs to know of one parameter, worked out once per kernel."""
+
+    param: Param
+    dtype: np.dtype
+    dims: tuple[tuple[str, bool], ...]  # (size expression, is it a plain dim name)
+    integer: bool
+
+
+@dataclass(frozen=True)
+class _BindPlan:
+    by_name: dict[str, _ParamPlan]
+    accepted: tuple[_ParamPlan, ...]  # what a caller passes, in order
+    arrays: tuple[_ParamPlan, ...]  # inputs and inout arrays
+    scalars: tuple[_ParamPlan, ...]
+    outputs: tuple[_ParamPlan, ...]  # allocated by the pool
+
+
+def _bind_plan(params: tuple[Param, ...]) -> _BindPlan:
+    plans = [
+        _ParamPlan(p, np.dtype(p.dtype), tuple((d, d.isidentifier()) for d in p.shape or ()),
+                   np.issubdtype(np.dtype(p.dtype), np.integer))
+        for p in params
+    ]
+    return _BindPlan(
+        by_name={pp.param.name: pp for pp in plans},
+        accepted=tuple(pp for pp in plans if pp.param.role != "out"),
+        arrays=tuple(pp for pp in plans if pp.param.shape is not None and pp.param.role != "out"),
+        scalars=tuple(pp for pp in plans if pp.param.role == "scalar"),
+        outputs=tuple(pp for pp in plans if pp.param.role == "out"),
+    )
+
+
+_SCALAR_TYPES = (int, float, complex, bool, np.generic)
+
+
+def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
     """Match ``args``/``kwargs`` to the signature, checking count, dtype and shape.
 
     Outputs are not passed; inputs, inout arrays and scalars are, positionally in signature
-    order or by name. Errors name the argument and what was expected.
+    order or by name. Errors name the argument and what was expected. Values only need
+    ``shape`` and ``dtype`` (NumPy and device arrays, handles).
     """
-    dtype_of = dtype_of or (lambda v: np.asarray(v).dtype if not hasattr(v, "dtype") else np.dtype(v.dtype))
-    params = spec.params or ()
-    accepted = [p for p in params if p.role != "out"]
+    plan = spec.bind_plan
+    accepted, by_name = plan.accepted, plan.by_name
     if len(args) > len(accepted):
         raise KernelArgumentError(
             f"kernel {spec.name!r} takes {len(accepted)} argument(s) "
-            f"({', '.join(p.name for p in accepted)}) but {len(args)} were given; "
+            f"({', '.join(pp.param.name for pp in accepted)}) but {len(args)} were given; "
             f"signature: {spec.signature()}"
         )
-    given = dict(zip((p.name for p in accepted), args))
+    given = {pp.param.name: value for pp, value in zip(accepted, args)}
     for key, value in kwargs.items():
-        param = next((p for p in params if p.name == key), None)
-        if param is None:
+        pp = by_name.get(key)
+        if pp is None:
             raise KernelArgumentError(f"kernel {spec.name!r} has no argument {key!r}; signature: {spec.signature()}")
-        if param.role == "out":
+        if pp.param.role == "out":
             raise KernelArgumentError(f"kernel {spec.name!r}: {key!r} is an output; the pool allocates it")
         if key in given:
             raise KernelArgumentError(f"kernel {spec.name!r} got argument {key!r} twice")
         given[key] = value
 
     dims: dict[str, int] = {}
-    for p in params:
-        if p.shape is None or p.role == "out":
-            continue
+    for pp in plan.arrays:
+        p = pp.param
         if p.name not in given:
             raise KernelArgumentError(f"kernel {spec.name!r}: missing array argument {p.name!r} ({p})")
         value = given[p.name]
         if not hasattr(value, "shape"):
             raise KernelArgumentError(f"kernel {spec.name!r}: argument {p.name!r} must be an array ({p}), "
                                       f"got {type(value).__name__}")
-        dtype = dtype_of(value)
-        if dtype != np.dtype(p.dtype):
-            raise KernelArgumentError(
-                f"kernel {spec.name!r}: argument {p.name!r} has dtype {dtype}, expected {p.dtype} ({p})"
-            )
-        shape = tuple(shape_of(value))
-        if len(shape) != len(p.shape):
+        dtype = getattr(value, "dtype", None)
+        if dtype != pp.dtype:  # a dtype, or something that names one
+            dtype = np.asarray(value).dtype if dtype is None else np.dtype(dtype)
+            if dtype != pp.dtype:
+                raise KernelArgumentError(
+                    f"kernel {spec.name!r}: argument {p.name!r} has dtype {dtype}, expected {p.dtype} ({p})"
+                )
+        shape = tuple(value.shape)
+        if len(shape) != len(pp.dims):
             raise KernelArgumentError(
                 f"kernel {spec.name!r}: argument {p.name!r} has shape {shape}, expected "
                 f"{len(p.shape)} dimension(s) [{', '.join(p.shape)}]"
             )
-        for size, dim in zip(shape, p.shape):
-            if dim.isidentifier():
+        for size, (dim, plain) in zip(shape, pp.dims):
+            if plain:
                 if dims.setdefault(dim, size) != size:
                     raise KernelArgumentError(
                         f"kernel {spec.name!r}: argument {p.name!r} has {dim}={size} but an earlier "
@@ -344,26 +387,24 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict, *, shape_of=np.shape, dtyp
                 raise KernelArgumentError(
                     f"kernel {spec.name!r}: argument {p.name!r} has shape {shape}, expected [{', '.join(p.shape)}]"
                 )
-    for p in params:
-        if p.role != "scalar":
-            continue
+    for pp in plan.scalars:
+        p = pp.param
         if p.name not in given:
             if p.name in dims:
                 given[p.name] = dims[p.name]
             else:
                 raise KernelArgumentError(f"kernel {spec.name!r}: missing scalar argument {p.name!r} ({p})")
-        if np.ndim(given[p.name]) != 0:
+        value = given[p.name]
+        if not isinstance(value, _SCALAR_TYPES) and np.ndim(value) != 0:
             raise KernelArgumentError(
                 f"kernel {spec.name!r}: argument {p.name!r} must be a scalar ({p}), got an array of shape "
-                f"{tuple(np.shape(given[p.name]))}"
+                f"{tuple(np.shape(value))}"
             )
-        given[p.name] = np.dtype(p.dtype).type(given[p.name])
-        if p.name not in dims and np.issubdtype(np.dtype(p.dtype), np.integer):
+        given[p.name] = pp.dtype.type(value)
+        if pp.integer and p.name not in dims:
             dims[p.name] = int(given[p.name])
-    out_shapes = {}
-    for p in params:
-        if p.role == "out":
-            out_shapes[p.name] = tuple(_eval_dim(d, dims, spec.name) for d in p.shape)
+    out_shapes = {pp.param.name: tuple(dims[d] if d in dims else _eval_dim(d, dims, spec.name) for d, _ in pp.dims)
+                  for pp in plan.outputs}
     return Bound(given, out_shapes, dims)
 
 
@@ -385,13 +426,16 @@ def sample_arguments(spec: KernelSpec, size: int = 64) -> tuple:
     return tuple(args)
 
 
-def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, upload, pointer, run):
+def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, upload, pointer, run,
+                    input_pointer=None):
     """The launch both C dialects share (OpenCL C and CUDA C): bind the arguments, allocate
     outputs, upload inputs, run, and for a ``post: sum`` reduction kernel run it again on
     its own partial sums, on the device, until one value is left.
 
     ``allocate(shape, dtype)`` and ``upload(value)`` make device arrays, ``pointer(array)``
-    is what the kernel takes for one, ``run(device_args, grid)`` launches.
+    is what the kernel takes for one, ``run(device_args, grid)`` launches. A backend whose
+    read-only inputs need no array object around them (they never leave the launch) gives
+    ``input_pointer(value)``: the kernel argument for an input, uploading it if need be.
     """
     bound = bind(spec, args, kwargs)
     device_args, outputs = [], {}
@@ -401,6 +445,9 @@ def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, up
             continue
         if p.role == "out":
             array = outputs[p.name] = allocate(bound.out_shapes[p.name], np.dtype(p.dtype))
+        elif p.role == "in" and input_pointer is not None:
+            device_args.append(input_pointer(bound.values[p.name]))
+            continue
         else:
             array = upload(bound.values[p.name])
             if p.role == "inout":
@@ -411,7 +458,7 @@ def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, up
         partial, once = next(iter(outputs.values())), dataclasses.replace(spec, post=None)
         while partial.size > 1:
             partial = launch_c_kernel(once, (partial,), {}, allocate=allocate, upload=upload,
-                                      pointer=pointer, run=run)
+                                      pointer=pointer, run=run, input_pointer=input_pointer)
         return partial[0:1]
     return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
 

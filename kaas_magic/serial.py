@@ -1,6 +1,6 @@
 """Moving values between notebook and worker.
 
-Plain pickle (protocol 5, arrays out of band, never copied) for what it can carry, in the
+A plain NumPy array goes as its dtype, its shape and its bytes, nothing else. Plain pickle (protocol 5, arrays out of band, never copied) for what it can carry, in the
 form Dask's "pickle" serialiser reads; Dask's serialisers (cloudpickle, its "dask" family)
 for the rest. Serialising each value eagerly lets us refuse, by name, a value that cannot
 travel before anything runs, and count the bytes moved.
@@ -12,6 +12,8 @@ import contextlib
 import logging
 import pickle
 from typing import Any, Iterator
+
+import numpy as np
 
 _PICKLE_LOGGER = logging.getLogger("distributed.protocol.pickle")
 
@@ -49,6 +51,10 @@ def _quiet_pickle_errors() -> Iterator[None]:
 
 def dumps(value: Any) -> Packed:
     """``value`` ready to travel. Raises on unsendable values."""
+    if type(value) is np.ndarray and value.dtype.kind in _RAW_KINDS and value.flags.c_contiguous:
+        # Its bytes as a flat uint8 view: no copy, and any shape (0-d and empty too).
+        return Packed({"serializer": "kaas-array", "dtype": value.dtype.str, "shape": value.shape},
+                      [value.reshape(-1).view(np.uint8)])
     fast = _plain_pickle(value)
     if fast is not None:
         return fast
@@ -57,6 +63,10 @@ def dumps(value: Any) -> Packed:
     with _quiet_pickle_errors():
         header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
     return Packed(header, frames)
+
+
+# dtypes that their ``.str`` names exactly (no fields, no objects): the common arrays.
+_RAW_KINDS = frozenset("biufcmM?")
 
 
 def _plain_pickle(value: Any) -> Packed | None:
@@ -77,7 +87,12 @@ def _plain_pickle(value: Any) -> Packed | None:
 
 def loads(packed: Packed) -> Any:
     header = packed.header
-    if header.get("serializer") == "pickle" and all(header["writeable"]) and all(
+    serializer = header.get("serializer")
+    if serializer == "kaas-array":
+        # A view of the received bytes (which are the receiver's own): no copy.
+        array = np.frombuffer(packed.frames[0], header["dtype"]).reshape(header["shape"])
+        return array if array.flags.writeable else array.copy()
+    if serializer == "pickle" and all(header["writeable"]) and all(
             not memoryview(f).readonly for f in packed.frames[1:]):
         # What Dask's "pickle" deserialiser does when no buffer needs its flag changed.
         return pickle.loads(packed.frames[0], buffers=packed.frames[1:])

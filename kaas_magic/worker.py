@@ -38,6 +38,7 @@ import traceback
 import uuid
 from typing import Any
 
+import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import backends, compile_cache, serial
@@ -199,6 +200,7 @@ class WorkerRuntime:
         self.library: dict | None = None
         self._code_cache: collections.OrderedDict = collections.OrderedDict()
         self._code_lock = threading.Lock()
+        self._user_specs: collections.OrderedDict = collections.OrderedDict()  # see user_spec
         # A crash inside a native kernel should leave a trace in the worker's log.
         faulthandler.enable(file=sys.__stderr__)
         _route_std_streams()
@@ -404,20 +406,26 @@ class WorkerRuntime:
                 raise StopCall()
             report_state("running")
             with session.activate():
-                code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
-                namespace = session.namespace()
                 kernels = KernelNamespace(self, session, msg.get("kernels") or ())
-                namespace["kernels"] = kernels
-                namespace["to_device"] = session.to_device
-                namespace["__name__"] = "__kaas__"
-                namespace["__builtins__"] = builtins
+                if "kernel" in msg:  # kaas.call: one registered kernel, its arguments by name
+                    namespace = {}
+                else:  # a cell
+                    code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
+                    namespace = session.namespace()
+                    namespace["kernels"] = kernels
+                    namespace["to_device"] = session.to_device
+                    namespace["__name__"] = "__kaas__"
+                    namespace["__builtins__"] = builtins
                 for name, packed in msg["inputs"].items():
                     namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session)
                 t1 = time.perf_counter()
                 timings["setup"] = t1 - t0
                 try:
                     call.enter_user_code()
-                    exec(code, namespace)
+                    if "kernel" in msg:
+                        namespace["__result"] = kernels._invoke(msg["kernel"], namespace)
+                    else:
+                        exec(code, namespace)
                     names = [n for n in msg["outputs"] if n in namespace]
                     session.synchronize([namespace[n] for n in names])
                     call.leave_user_code()
@@ -520,6 +528,8 @@ class WorkerRuntime:
         """Device arrays of any backend on this worker (a cell may call kernels of another
         backend than its own) become host arrays."""
         value = session.to_host(value)
+        if type(value) in _HOST_TYPES:  # the usual case: nothing left to convert
+            return value
         for other in {type(s): s for s in self.sessions.values()}.values():
             if type(other) is not type(session):
                 value = other.to_host(value)
@@ -533,6 +543,23 @@ class WorkerRuntime:
 
             self.library = load_library()
         return self.library
+
+    def user_spec(self, described: dict):
+        """A kernel a client registered, as sent with its calls: parsed once, not per call
+        (the same text gives the same spec, and its compiled form is found by digest)."""
+        from .kernelspec import KernelSpec
+
+        key = repr(described)
+        with self._code_lock:
+            spec = self._user_specs.get(key)
+            if spec is not None:
+                return spec
+        spec = KernelSpec.from_dict(described)
+        with self._code_lock:
+            self._user_specs[key] = spec
+            if len(self._user_specs) > 512:
+                self._user_specs.popitem(last=False)
+        return spec
 
     def sessions_for(self, backend: str, prefer: Session | None = None) -> list[Session]:
         """This worker's sessions of ``backend``: ``prefer`` first, then real devices."""
@@ -649,6 +676,9 @@ class WorkerRuntime:
         return rows
 
 
+_HOST_TYPES = frozenset({np.ndarray, int, float, complex, bool, str, bytes, type(None)})
+
+
 def _failed_reply(exc: BaseException, execute: float = 0.0, worker_exiting: bool = False) -> dict:
     """The reply of a call that ended before or instead of running its code."""
     timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": execute, "to_host": 0.0}
@@ -725,11 +755,9 @@ class KernelNamespace:
     and its result stays there, so a cell can chain kernels without a round trip."""
 
     def __init__(self, runtime: WorkerRuntime, session: Session, user_specs):
-        from .kernelspec import KernelSpec
-
         self._runtime = runtime
         self._session = session
-        self._user = {d["name"]: KernelSpec.from_dict(d) for d in user_specs}
+        self._user = {d["name"]: runtime.user_spec(d) for d in user_specs}
         self.states: dict[str, str] = {}
 
     def _spec(self, name: str):
@@ -774,6 +802,12 @@ class KernelNamespace:
 
         call.__name__ = name
         return call
+
+    def _invoke(self, name: str, arguments: dict):
+        """What ``kaas.call`` runs: ``arguments`` by parameter name, or a Python kernel's
+        ``__args`` and ``__kwargs``. (Underscored, so that no kernel name is shadowed.)"""
+        args, kwargs = arguments.pop("__args", ()), arguments.pop("__kwargs", arguments)
+        return self.__getattr__(name)(*args, **kwargs)
 
     def __dir__(self):
         return sorted(set(self._runtime._library()) | set(self._user))

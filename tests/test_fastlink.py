@@ -65,6 +65,42 @@ def test_link_carries_small_and_large_messages_in_order(endpoint):
         link.close()
 
 
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=">i4").reshape(3, 4),  # big-endian, 2-d
+    np.array(2.5, dtype=np.float64),  # 0-d
+    np.zeros((0, 3), dtype=np.complex64),  # empty
+    np.array(["2026-11-28", "NaT"], dtype="datetime64[s]"),
+    np.array([True, False]),
+    np.arange(10.0)[::2],  # not contiguous: goes by pickle
+    np.ma.masked_array([1.0, 2.0], mask=[0, 1]),  # a subclass: goes by pickle
+    np.array([{"a": 1}, None], dtype=object),  # objects: go by pickle
+], ids=["big-endian-2d", "0-d", "empty", "datetime", "bool", "strided", "masked", "object"])
+def test_arrays_arrive_equal_in_value_type_and_dtype(endpoint, value):
+    link = fastlink.Link(endpoint, None)
+    try:
+        got = _round_trip(link, {"v": serial.dumps(value)})["echo"]["v"]
+    finally:
+        link.close()
+    assert type(got) is type(value)
+    assert got.dtype == value.dtype and got.shape == value.shape
+    if value.dtype != object:
+        np.testing.assert_array_equal(got, value)
+        assert got.flags.writeable
+    else:
+        assert list(got) == list(value)
+
+
+def test_a_plain_array_travels_as_its_bytes_and_reads_back_writeable():
+    a = np.arange(6, dtype=np.int16).reshape(2, 3)
+    packed = serial.dumps(a)
+    assert packed.header["serializer"] == "kaas-array" and packed.nbytes == a.nbytes
+    assert np.shares_memory(packed.frames[0], a)  # sent without a copy
+    # Frames the receiver cannot write to (bytes) still give it an array it may change.
+    got = serial.loads(serial.Packed(packed.header, [bytes(packed.frames[0])]))
+    got[0, 0] = 7
+    np.testing.assert_array_equal(got[1], a[1])
+
+
 def test_a_handler_that_answered_itself_is_not_answered_twice(endpoint):
     link = fastlink.Link(endpoint, None)
     try:

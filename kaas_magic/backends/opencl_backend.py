@@ -139,6 +139,9 @@ class OpenCLSession(Session):
             upload=lambda v: v if isinstance(v, cl_array.Array) else self.to_device(v),
             pointer=lambda array: array.data,
             run=run,
+            # An input is only read by this launch: a bare buffer will do, without the
+            # Python array object around it (whose making cost more than the copy here).
+            input_pointer=lambda v: v.data if isinstance(v, cl_array.Array) else self._buffer(v),
         )
         return result.get()[0] if spec.post == "sum" else result
 
@@ -157,9 +160,17 @@ class OpenCLSession(Session):
         host = numpy.ascontiguousarray(value)
         if host.nbytes == 0:  # OpenCL has no empty buffers
             return cl_array.to_device(self.queue, host)
-        flags = cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR
-        return cl_array.Array(self.queue, host.shape, host.dtype,
-                              data=cl.Buffer(self.context, flags, hostbuf=host))
+        return cl_array.Array(self.queue, host.shape, host.dtype, data=self._buffer(host))
+
+    def _buffer(self, value: Any):
+        """A device buffer holding a copy of a host array, or None for an empty one."""
+        import numpy
+        import pyopencl as cl
+
+        host = numpy.ascontiguousarray(value)
+        if host.nbytes == 0:  # OpenCL has no empty buffers; a kernel takes None for one
+            return None
+        return cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=host)
 
     def to_host(self, value: Any) -> Any:
         import pyopencl.array as cl_array
