@@ -31,11 +31,17 @@ _COUNT = struct.Struct("<Q")
 
 
 def _encode(message: Any) -> list:
+    """The message as the parts to send: its header (the frame count, then each frame's
+    length), the pickle, then each out-of-band buffer."""
     buffers: list = []
     head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    if not buffers:  # the usual small message: one piece, one system call
+        return [_TWO.pack(1, len(head)) + head]
     frames = [head, *(b.raw() for b in buffers)]
-    header = _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *(memoryview(f).nbytes for f in frames))
-    return [header, *frames]
+    return [struct.pack(f"<{len(frames) + 1}Q", len(frames), *(memoryview(f).nbytes for f in frames)), *frames]
+
+
+_TWO = struct.Struct("<QQ")
 
 
 UNIX_BUFFER = 4 * 2**20
@@ -57,11 +63,12 @@ def _decode(frames: list[bytearray]) -> Any:
 
 
 def _send(sock: socket.socket, message: Any) -> None:
-    parts = [memoryview(p).cast("B") for p in _encode(message)]
-    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS
+    parts = _encode(message)
+    if len(parts) == 1 or isinstance(sock, ssl.SSLSocket):  # (no sendmsg on TLS)
         for part in parts:
             sock.sendall(part)
         return
+    parts = [memoryview(p).cast("B") for p in parts]
     while parts:  # all parts in as few system calls as the socket takes
         sent = sock.sendmsg(parts)
         while parts and sent >= parts[0].nbytes:
@@ -73,10 +80,11 @@ def _send(sock: socket.socket, message: Any) -> None:
 
 class _Reader:
     """Reads messages from a socket. A small message (a call's request, most replies)
-    arrives whole in one system call into a read-ahead buffer; a large frame (an array) is
-    read straight into its own buffer, never copied."""
+    arrives whole in one system call into a read-ahead buffer and is cut from there; a
+    large frame (an array) is read straight into its own buffer, never copied."""
 
     AHEAD = 65536
+    MAX_FRAMES = 4096  # a header longer than this is not one of ours
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -84,32 +92,44 @@ class _Reader:
         self._start = self._end = 0
 
     def message(self) -> list:
-        (count,) = _COUNT.unpack(self._read(8))
-        lengths = struct.unpack(f"<{count}Q", self._read(8 * count))
-        return [self._read(n) for n in lengths]
+        self._have(8)
+        (count,) = _COUNT.unpack_from(self._ahead, self._start)
+        if not 0 < count <= self.MAX_FRAMES:
+            raise ValueError(f"not a kaas message (a header of {count} frames)")
+        self._have(8 + 8 * count)
+        lengths = struct.unpack_from(f"<{count}Q", self._ahead, self._start + 8)
+        self._start += 8 + 8 * count
+        return [self._frame(n) for n in lengths]
 
-    def _read(self, size: int):
+    def _have(self, size: int) -> None:
+        """At least ``size`` (at most AHEAD) unread bytes in the read-ahead buffer."""
+        while self._end - self._start < size:
+            if self._start:  # move what is left to the front
+                left = self._end - self._start
+                self._ahead[:left] = self._ahead[self._start:self._end]
+                self._start, self._end = 0, left
+            n = self.sock.recv_into(memoryview(self._ahead)[self._end:])
+            if n == 0:
+                raise ConnectionResetError("the other side closed the connection")
+            self._end += n
+
+    def _frame(self, size: int):
+        start = self._start
+        if size <= self._end - start:  # already here: one copy out of the buffer
+            self._start = start + size
+            return self._ahead[start:start + size]
         # A large frame goes into uninitialised memory: a bytearray would zero-fill bytes
         # that are overwritten at once.
         out = bytearray(size) if size < self.AHEAD else numpy.empty(size, numpy.uint8)
         view = memoryview(out)
-        got = min(size, self._end - self._start)
-        view[:got] = memoryview(self._ahead)[self._start:self._start + got]
-        self._start += got
-        while got < size:
-            if size - got >= self.AHEAD:  # large: straight into place
-                n = self.sock.recv_into(view[got:])
-                if n == 0:
-                    raise ConnectionResetError("the other side closed the connection")
-                got += n
-                continue
-            n = self.sock.recv_into(self._ahead)
+        got = self._end - start
+        view[:got] = memoryview(self._ahead)[start:self._end]
+        self._start = self._end = 0
+        while got < size:  # straight into place, never past this frame
+            n = self.sock.recv_into(view[got:])
             if n == 0:
                 raise ConnectionResetError("the other side closed the connection")
-            take = min(n, size - got)
-            view[got:got + take] = memoryview(self._ahead)[:take]
-            got += take
-            self._start, self._end = take, n
+            got += n
         return out
 
 

@@ -27,6 +27,9 @@ class HandleRef:
 
     id: str
 
+    def __reduce__(self):  # plainer than a frozen dataclass's default, and quicker to load
+        return HandleRef, (self.id,)
+
 
 class DeviceHandle:
     """An array that lives on a worker's device. Pass it to later calls; ``get()`` it home."""

@@ -439,12 +439,13 @@ def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, up
     """
     bound = bind(spec, args, kwargs)
     device_args, outputs = [], {}
-    for p in spec.params:
+    for pp in spec.bind_plan.by_name.values():  # every parameter, in the kernel's order
+        p = pp.param
         if p.role == "scalar":
             device_args.append(bound.values[p.name])
             continue
         if p.role == "out":
-            array = outputs[p.name] = allocate(bound.out_shapes[p.name], np.dtype(p.dtype))
+            array = outputs[p.name] = allocate(bound.out_shapes[p.name], pp.dtype)
         elif p.role == "in" and input_pointer is not None:
             device_args.append(input_pointer(bound.values[p.name]))
             continue

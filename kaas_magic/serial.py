@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .handles import DeviceHandle, HandleRef
+
 _PICKLE_LOGGER = logging.getLogger("distributed.protocol.pickle")
 
 
@@ -51,10 +53,15 @@ def _quiet_pickle_errors() -> Iterator[None]:
 
 def dumps(value: Any) -> Packed:
     """``value`` ready to travel. Raises on unsendable values."""
-    if type(value) is np.ndarray and value.dtype.kind in _RAW_KINDS and value.flags.c_contiguous:
+    kind = type(value)
+    if kind is np.ndarray and value.dtype.kind in _RAW_KINDS and value.flags.c_contiguous:
         # Its bytes as a flat uint8 view: no copy, and any shape (0-d and empty too).
         return Packed({"serializer": "kaas-array", "dtype": value.dtype.str, "shape": value.shape},
                       [value.reshape(-1).view(np.uint8)])
+    if kind in _NUMPY_SCALARS:
+        return Packed({"serializer": "kaas-scalar", "dtype": value.dtype.str}, [value.tobytes()])
+    if kind is DeviceHandle or kind is HandleRef:  # a handle travels as the id of its buffer
+        return Packed({"serializer": "kaas-handle", "id": value.id}, [])
     fast = _plain_pickle(value)
     if fast is not None:
         return fast
@@ -67,6 +74,7 @@ def dumps(value: Any) -> Packed:
 
 # dtypes that their ``.str`` names exactly (no fields, no objects): the common arrays.
 _RAW_KINDS = frozenset("biufcmM?")
+_NUMPY_SCALARS = frozenset(np.dtype(c).type for c in "?bBhHiIlLqQefdgFDG")
 
 
 def _plain_pickle(value: Any) -> Packed | None:
@@ -92,6 +100,10 @@ def loads(packed: Packed) -> Any:
         # A view of the received bytes (which are the receiver's own): no copy.
         array = np.frombuffer(packed.frames[0], header["dtype"]).reshape(header["shape"])
         return array if array.flags.writeable else array.copy()
+    if serializer == "kaas-scalar":
+        return np.frombuffer(packed.frames[0], header["dtype"])[0]
+    if serializer == "kaas-handle":
+        return HandleRef(header["id"])
     if serializer == "pickle" and all(header["writeable"]) and all(
             not memoryview(f).readonly for f in packed.frames[1:]):
         # What Dask's "pickle" deserialiser does when no buffer needs its flag changed.

@@ -22,6 +22,7 @@ import builtins
 import collections
 import ctypes
 import faulthandler
+import functools
 import io
 import linecache
 import logging
@@ -47,6 +48,7 @@ from .cellcode import padded
 from .device_slot import DeviceSlot, LeftQueue
 from .errors import CallTimeout, DeviceOutOfMemory, KaasError
 from .handles import BufferStore, HandleRef, is_array
+from .kernelspec import KernelError
 from .stopping import RunningCall, StopCall, Watchdog
 from .targets import KIND_ORDER, READY_RESOURCE
 
@@ -500,8 +502,8 @@ class WorkerRuntime:
         # from os.urandom, a slow system call on some VMs (ids are namespaced per client).
         id = f"{random.getrandbits(128):032x}"
         self.buffers.put(client, id, value, session.device_id)
-        return {"id": id, "shape": list(value.shape), "dtype": str(value.dtype), "nbytes": int(value.nbytes),
-                "type": f"{type(value).__module__}.{type(value).__qualname__}"}
+        return {"id": id, "shape": list(value.shape), "dtype": _type_name(value.dtype), "nbytes": int(value.nbytes),
+                "type": _type_name(type(value))}
 
     def _keep_budget(self, device_id: str) -> int:
         """Bytes of kept buffers a device holds before evicting (asked on every keep; a
@@ -676,6 +678,12 @@ class WorkerRuntime:
         return rows
 
 
+@functools.lru_cache(maxsize=256)
+def _type_name(kind) -> str:
+    """A dtype's name ("float32"), or a class's dotted path; asked for every kept array."""
+    return str(kind) if not isinstance(kind, type) else f"{kind.__module__}.{kind.__qualname__}"
+
+
 _HOST_TYPES = frozenset({np.ndarray, int, float, complex, bool, str, bytes, type(None)})
 
 
@@ -761,8 +769,6 @@ class KernelNamespace:
         self.states: dict[str, str] = {}
 
     def _spec(self, name: str):
-        from .kernelspec import KernelError
-
         if name in self._user:
             return [self._user[name]]
         specs = self._runtime._library().get(name)
@@ -772,8 +778,6 @@ class KernelNamespace:
         return specs
 
     def _session_for(self, name: str):
-        from .kernelspec import KernelError
-
         specs = self._spec(name)
         current = self._session.offer.service.backend
         for spec in sorted(specs, key=lambda s: s.backend != current):

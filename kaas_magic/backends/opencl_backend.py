@@ -135,7 +135,7 @@ class OpenCLSession(Session):
             # Plain buffers, no memory pool: on PoCL a pool made uploads slower than letting
             # the runtime allocate (whose memory the worker's malloc settings keep warm), for
             # 400 KB and 16 MiB arrays alike.
-            allocate=lambda shape, dtype: cl_array.empty(queue, shape, dtype),
+            allocate=self._empty,
             upload=lambda v: v if isinstance(v, cl_array.Array) else self.to_device(v),
             pointer=lambda array: array.data,
             run=run,
@@ -144,6 +144,26 @@ class OpenCLSession(Session):
             input_pointer=lambda v: v.data if isinstance(v, cl_array.Array) else self._buffer(v),
         )
         return result.get()[0] if spec.post == "sum" else result
+
+    def _empty(self, shape: tuple[int, ...], dtype) -> Any:
+        """A new device array, made like a cached template of its shape and dtype:
+        ``cl_array.empty`` derives strides and flags with NumPy on every call, which cost
+        ten times what ``empty_like`` does."""
+        import pyopencl as cl
+        import pyopencl.array as cl_array
+
+        if 0 in shape:
+            return cl_array.empty(self.queue, shape, dtype)
+        templates = self._local.__dict__.setdefault("templates", {})
+        template = templates.get((shape, dtype))
+        if template is None:
+            if len(templates) >= 64:
+                templates.clear()
+            # A template never holds data of its own: its buffer is a one-byte placeholder.
+            placeholder = self._local.__dict__.get("placeholder") or cl.Buffer(self.context, cl.mem_flags.READ_WRITE, 1)
+            self._local.placeholder = placeholder
+            template = templates[(shape, dtype)] = cl_array.Array(self.queue, shape, dtype, data=placeholder)
+        return cl_array.empty_like(template)
 
     def memory(self) -> tuple[int | None, int | None]:
         # OpenCL cannot say how much of a device is in use (and buffers cannot be counted:
