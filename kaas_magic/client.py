@@ -91,6 +91,7 @@ class Pool:
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._last_record: RunRecord | None = None
         self._counter = itertools.count(1)
+        self._pid = os.getpid()  # in every call id; getpid is a system call each time
         self._kernels: dict = {}  # kernels this client registered: name -> KernelSpec
         # Names this client on shared workers: its kept buffers are its own.
         self.client_id = uuid.uuid4().hex
@@ -313,6 +314,9 @@ class Pool:
         check_backend(backend)
         if fallback is None:
             fallback = bool(kaas_config.get("fallback", False))
+        choice = self._choose(target, backend, fallback, worker)
+        if choice is not None:  # the warm pool's usual answer
+            return choice[0], choice[1], False
         timeout = float(kaas_config.get("pool.warmup-timeout", 180)) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         waited = False
@@ -444,7 +448,7 @@ class Pool:
         if timeout is not None and float(timeout) <= 0:
             raise KaasError(f"timeout must be a positive number of seconds, got {timeout!r}")
         started_wall = time.time() - (time.perf_counter() - t_start)
-        call_id = f"{os.getpid()}-{next(self._counter)}-{random.getrandbits(24):06x}"
+        call_id = f"{self._pid}-{next(self._counter)}-{random.getrandbits(24):06x}"
 
         route, service, waited, inputs = self._route_with_data(target, backend, fallback, worker, inputs)
         record = RunRecord(
@@ -1024,7 +1028,7 @@ def _serialize_inputs(inputs: Mapping[str, Any]):
         except Exception as e:
             reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
             raise VariableNotSendable(name, value, reason) from None
-        size = serial.nbytes(ser)
+        size = ser.nbytes
         if size > limit:
             raise VariableNotSendable(
                 name, value, f"it is {size:,} bytes, over the transfer limit of {limit:,} bytes "
@@ -1039,7 +1043,7 @@ def _deserialize_outputs(outputs: Mapping[str, Any]):
     values, skipped, total = {}, {}, 0
     for name, ser in outputs.items():
         try:
-            total += serial.nbytes(ser)
+            total += ser.nbytes
             values[name] = serial.loads(ser)
         except Exception as e:
             skipped[name] = f"could not be rebuilt in the notebook ({type(e).__name__}: {e})"

@@ -15,7 +15,9 @@ class Timings:
     queue        waiting for a worker (routing, warm-up of the pool) and for a free slot
     transfer_in  serialising inputs and moving them to the worker
     setup        compiling the cell, preparing its namespace; device warm-up when cold
-    execute      running the cell and waiting for the device to finish
+    execute      running the cell and waiting for the device to finish (on OpenCL, with the
+                 copies of results home, which are queued behind the work and waited
+                 for at once)
     transfer_out device-to-host copies, serialising outputs, moving them back
     """
 

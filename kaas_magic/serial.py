@@ -36,7 +36,7 @@ class Packed:
 
     @property
     def nbytes(self) -> int:
-        return sum(memoryview(f).nbytes for f in self.frames)
+        return sum(len(f) if type(f) in (bytes, bytearray) else memoryview(f).nbytes for f in self.frames)
 
 
 @contextlib.contextmanager
@@ -112,6 +112,3 @@ def loads(packed: Packed) -> Any:
 
     return deserialize(header, packed.frames)
 
-
-def nbytes(packed: Packed) -> int:
-    return packed.nbytes

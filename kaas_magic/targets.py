@@ -63,9 +63,9 @@ class Service:
 
 
 def check_target(target: str) -> str:
-    from .errors import KaasUsageError
-
     if target not in TARGETS:
+        from .errors import KaasUsageError
+
         raise KaasUsageError(
             f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}"
         )
@@ -73,9 +73,9 @@ def check_target(target: str) -> str:
 
 
 def check_backend(backend: str | None) -> str | None:
-    from .errors import KaasUsageError
-
     if backend is not None and backend not in BACKENDS:
+        from .errors import KaasUsageError
+
         raise KaasUsageError(
             f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
         )

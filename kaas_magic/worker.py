@@ -429,7 +429,10 @@ class WorkerRuntime:
                     else:
                         exec(code, namespace)
                     names = [n for n in msg["outputs"] if n in namespace]
-                    session.synchronize([namespace[n] for n in names])
+                    if msg.get("keep"):
+                        session.synchronize([namespace[n] for n in names])
+                    else:  # the device's work and the copies home, waited for at once
+                        namespace.update(zip(names, session.download([namespace[n] for n in names])))
                     call.leave_user_code()
                 finally:
                     call.leave_user_code()

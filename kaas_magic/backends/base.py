@@ -66,6 +66,13 @@ class Session:
         """Return ``value`` with device arrays replaced by host NumPy arrays."""
         return value
 
+    def download(self, values: list[Any]) -> list[Any]:
+        """Wait for the device work producing ``values``, then bring them home (to_host);
+        a backend that can queue the copies behind that work and wait once does so. A value
+        that cannot come home is left as it is (the caller names it when sending fails)."""
+        self.synchronize(values)
+        return [try_convert(self.to_host, v) for v in values]
+
     def close(self) -> None:
         pass
 
@@ -200,6 +207,13 @@ def cpu_name() -> str:
         pass
     model = model or platform.processor() or platform.machine() or "CPU"
     return f"{model} ({os.cpu_count()} cores)"
+
+
+def try_convert(convert, value: Any) -> Any:
+    try:
+        return convert(value)
+    except Exception:  # noqa: BLE001 - reported when the value is sent
+        return value
 
 
 def map_containers(value: Any, convert) -> Any:

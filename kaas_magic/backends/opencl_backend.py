@@ -9,7 +9,7 @@ from typing import Any
 
 from ..compile_cache import DiskCache
 from ..targets import Service
-from .base import Backend, Offer, Session, map_containers
+from .base import Backend, Offer, Session, map_containers, try_convert
 
 _WARM_UP_SOURCE = "__kernel void kaas_warm(__global float *a) { a[get_global_id(0)] += 1.0f; }"
 
@@ -191,6 +191,18 @@ class OpenCLSession(Session):
         if host.nbytes == 0:  # OpenCL has no empty buffers; a kernel takes None for one
             return None
         return cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=host)
+
+    def download(self, values: list[Any]) -> list[Any]:
+        """The copies home are queued behind the kernels and waited for once: a separate
+        wait for the kernels first cost one more hand-off with PoCL's threads, each way."""
+        import pyopencl.array as cl_array
+
+        def start(v: Any) -> Any:
+            return v.get_async(queue=self.queue)[0] if isinstance(v, cl_array.Array) else v
+
+        hosts = [try_convert(lambda value: map_containers(value, start), v) for v in values]
+        self.queue.finish()
+        return hosts
 
     def to_host(self, value: Any) -> Any:
         import pyopencl.array as cl_array
