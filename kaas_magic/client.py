@@ -44,7 +44,7 @@ from .errors import (
 )
 from .fastlink import Links
 from .handles import DeviceHandle, handles_in
-from .kernelspec import bind
+from .kernelspec import KernelError, bind
 from .record import RunRecord, Timings
 from .targets import DEFAULT_BACKEND, KIND_ORDER, READY_RESOURCE, TARGETS, Service, check_backend, check_target
 
@@ -103,6 +103,8 @@ class Pool:
         self._dead: dict[tuple[str, str], float] = {}  # workers seen dying: (address, incarnation) -> when
         # Which spec and target each kernel call uses, for the current routing table.
         self._kernel_routes: tuple[dict | None, dict] = (None, {})
+        self._candidate_cache: tuple[dict | None, dict] = (None, {})  # see _candidates
+        self._library: dict | None = None  # the shipped kernels, read on first use
         self._scheduler_lost_since: float | None = None
         self._endpoints: dict[str, dict] = {}  # worker address -> where its direct link listens
         self._links = Links(client.connection_args.get("ssl_context"))
@@ -272,11 +274,25 @@ class Pool:
             route = self._routes.get(address)
             self._dead[(address, route.incarnation if route else "")] = time.monotonic()
             self._kernel_routes = (None, {})
+            self._candidate_cache = (None, {})
             for gone in [k for k, t in self._dead.items() if time.monotonic() - t > 600]:
                 del self._dead[gone]
         self._endpoints.pop(address, None)
 
     def _candidates(self, target: str, backend: str | None, fallback: bool, worker: str | None):
+        """(route, service, concurrency) of every worker that could serve such a call; kept
+        until the routing table changes (a refresh, or a worker found dead)."""
+        with self._routes_lock:
+            table, cached = self._routes, self._candidate_cache
+        if cached[0] is not table:
+            cached = self._candidate_cache = (table, {})
+        key = (target, backend, fallback, worker)
+        found = cached[1].get(key)
+        if found is None:
+            found = cached[1][key] = self._find_candidates(target, backend, fallback, worker)
+        return found
+
+    def _find_candidates(self, target: str, backend: str | None, fallback: bool, worker: str | None):
         found = []
         for route in self.routes():
             if worker is not None and worker not in (route.address, route.name):
@@ -304,7 +320,7 @@ class Pool:
                 random.random(),
             )
 
-        route, service, _ = min(found, key=rank)
+        route, service, _ = min(found, key=rank) if len(found) > 1 else found[0]
         return route, service
 
     def route(self, target: str, backend: str | None = None, fallback: bool | None = None,
@@ -581,10 +597,14 @@ class Pool:
                 self._check_handle(h, live)
         home = None
         if handles and worker is None:
-            held = collections.Counter()
-            for h in handles:
-                held[h.worker] += h.nbytes
-            home = held.most_common(1)[0][0]
+            homes = {h.worker for h in handles}
+            if len(homes) == 1:  # the usual case
+                (home,) = homes
+            else:  # the worker holding the most bytes
+                held = collections.Counter()
+                for h in handles:
+                    held[h.worker] += h.nbytes
+                home = held.most_common(1)[0][0]
             try:
                 route, service, waited = self.route(target, backend, fallback, home, timeout=0)
             except TargetUnavailable:  # that worker cannot serve the target: move the data
@@ -752,15 +772,13 @@ class Pool:
     # -- registered kernels --
 
     def library(self) -> dict:
-        from .kernelspec import load_library
+        if self._library is None:
+            from .kernelspec import load_library
 
-        if not hasattr(self, "_library"):
             self._library = load_library()
         return self._library
 
     def _kernel_specs(self, name: str) -> list:
-        from .kernelspec import KernelError
-
         if name in self._kernels:
             return [self._kernels[name]]
         specs = self.library().get(name)
@@ -1028,7 +1046,7 @@ def _serialize_inputs(inputs: Mapping[str, Any]):
         except Exception as e:
             reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
             raise VariableNotSendable(name, value, reason) from None
-        size = ser.nbytes
+        size = serial.nbytes(ser)
         if size > limit:
             raise VariableNotSendable(
                 name, value, f"it is {size:,} bytes, over the transfer limit of {limit:,} bytes "
@@ -1043,7 +1061,7 @@ def _deserialize_outputs(outputs: Mapping[str, Any]):
     values, skipped, total = {}, {}, 0
     for name, ser in outputs.items():
         try:
-            total += ser.nbytes
+            total += serial.nbytes(ser)
             values[name] = serial.loads(ser)
         except Exception as e:
             skipped[name] = f"could not be rebuilt in the notebook ({type(e).__name__}: {e})"

@@ -14,6 +14,7 @@ its :class:`BufferStore`, which is kept per client so no client sees another's b
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class DeviceHandle:
         return f"<kaas handle {self.dtype}[{shape}] on {self.device} @ {self.worker}{state}>"
 
 
+@functools.lru_cache(maxsize=256)
 def _dtype(text: str):
     import numpy
 

@@ -20,23 +20,15 @@ from .handles import DeviceHandle, HandleRef
 _PICKLE_LOGGER = logging.getLogger("distributed.protocol.pickle")
 
 
-class Packed:
-    """One value serialised (plain pickle or Dask's serialisers): a header and its frames. Pickled
-    (as the direct link does with its messages) the frames go as out-of-band buffers, so an
-    array is never copied into the message."""
+# One value serialised: ``(header, frames)``. A plain tuple, because the link pickles its
+# messages and pickle writes tuples, dicts and PickleBuffers natively; a class of our own
+# cost a Python-level __reduce__ per value. Frames that are PickleBuffers travel out of
+# band (an array is never copied into the message) and arrive as writable buffers.
+Packed = tuple
 
-    __slots__ = ("header", "frames")
 
-    def __init__(self, header: dict, frames: list):
-        self.header = header
-        self.frames = frames
-
-    def __reduce__(self):
-        return Packed, (self.header, [pickle.PickleBuffer(f) for f in self.frames])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(f) if type(f) in (bytes, bytearray) else memoryview(f).nbytes for f in self.frames)
+def nbytes(packed: Packed) -> int:
+    return sum(len(f) if type(f) in (bytes, bytearray) else memoryview(f).nbytes for f in packed[1])
 
 
 @contextlib.contextmanager
@@ -56,12 +48,12 @@ def dumps(value: Any) -> Packed:
     kind = type(value)
     if kind is np.ndarray and value.dtype.kind in _RAW_KINDS and value.flags.c_contiguous:
         # Its bytes as a flat uint8 view: no copy, and any shape (0-d and empty too).
-        return Packed({"serializer": "kaas-array", "dtype": value.dtype.str, "shape": value.shape},
-                      [value.reshape(-1).view(np.uint8)])
+        return ({"serializer": "kaas-array", "dtype": value.dtype.str, "shape": value.shape},
+                [pickle.PickleBuffer(value.reshape(-1).view(np.uint8))])
     if kind in _NUMPY_SCALARS:
-        return Packed({"serializer": "kaas-scalar", "dtype": value.dtype.str}, [value.tobytes()])
+        return {"serializer": "kaas-scalar", "dtype": value.dtype.str}, [value.tobytes()]
     if kind is DeviceHandle or kind is HandleRef:  # a handle travels as the id of its buffer
-        return Packed({"serializer": "kaas-handle", "id": value.id}, [])
+        return {"serializer": "kaas-handle", "id": value.id}, []
     fast = _plain_pickle(value)
     if fast is not None:
         return fast
@@ -69,7 +61,7 @@ def dumps(value: Any) -> Packed:
 
     with _quiet_pickle_errors():
         header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
-    return Packed(header, frames)
+    return header, [f if type(f) is bytes else pickle.PickleBuffer(f) for f in frames]
 
 
 # dtypes that their ``.str`` names exactly (no fields, no objects): the common arrays.
@@ -89,26 +81,24 @@ def _plain_pickle(value: Any) -> Packed | None:
         return None
     if b"__main__" in head:
         return None
-    frames = [b.raw() for b in buffers]
-    return Packed({"serializer": "pickle", "writeable": tuple(not f.readonly for f in frames)}, [head, *frames])
+    return {"serializer": "pickle", "writeable": tuple(not b.raw().readonly for b in buffers)}, [head, *buffers]
 
 
 def loads(packed: Packed) -> Any:
-    header = packed.header
+    header, frames = packed
     serializer = header.get("serializer")
     if serializer == "kaas-array":
         # A view of the received bytes (which are the receiver's own): no copy.
-        array = np.frombuffer(packed.frames[0], header["dtype"]).reshape(header["shape"])
+        array = np.frombuffer(frames[0], header["dtype"]).reshape(header["shape"])
         return array if array.flags.writeable else array.copy()
     if serializer == "kaas-scalar":
-        return np.frombuffer(packed.frames[0], header["dtype"])[0]
+        return np.frombuffer(frames[0], header["dtype"])[0]
     if serializer == "kaas-handle":
         return HandleRef(header["id"])
     if serializer == "pickle" and all(header["writeable"]) and all(
-            not memoryview(f).readonly for f in packed.frames[1:]):
+            not memoryview(f).readonly for f in frames[1:]):
         # What Dask's "pickle" deserialiser does when no buffer needs its flag changed.
-        return pickle.loads(packed.frames[0], buffers=packed.frames[1:])
+        return pickle.loads(frames[0], buffers=frames[1:])
     from distributed.protocol import deserialize
 
-    return deserialize(header, packed.frames)
-
+    return deserialize(header, [f.raw() if isinstance(f, pickle.PickleBuffer) else f for f in frames])
