@@ -66,7 +66,7 @@ class InProcess:
     def __init__(self):
         import pyopencl as cl
 
-        from .kernelspec import load_library
+        from .kernelspec import load_library, scalar_arg_dtypes
 
         platform = next(p for p in cl.get_platforms() if "Portable" in p.name)
         self.ctx = cl.Context(platform.get_devices(cl.device_type.CPU)[:1])
@@ -76,6 +76,9 @@ class InProcess:
                            for k in ("vector_add", "saxpy", "reduce_sum"))
         self.program = cl.Program(self.ctx, source).build()
         self.kernels = {k: cl.Kernel(self.program, k) for k in ("vector_add", "saxpy", "reduce_sum")}
+        # As kaas's backend does (and PyOpenCL advises): scalars packed by a declared dtype.
+        for name, kernel in self.kernels.items():
+            kernel.set_scalar_arg_dtypes(scalar_arg_dtypes(next(s for s in library[name] if s.language == "opencl")))
 
     def upload(self, a: np.ndarray):
         """The way kaas's OpenCL backend uploads (the copy made as the buffer is), so the

@@ -464,6 +464,12 @@ def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, up
     return next(iter(outputs.values())) if len(outputs) == 1 else tuple(outputs.values())
 
 
+def scalar_arg_dtypes(spec: KernelSpec) -> list:
+    """Each parameter's dtype if it is a scalar, else None (what PyOpenCL's
+    ``set_scalar_arg_dtypes`` takes)."""
+    return [pp.dtype if pp.param.role == "scalar" else None for pp in spec.bind_plan.by_name.values()]
+
+
 def shift_log_lines(log: str, offset: int) -> str:
     """Compiler logs cite source lines ("input.cl:3:5:", "kernel.cu(3):"); shift them so
     they point into the notebook cell the kernel was registered from."""

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from ..compile_cache import DiskCache
+from ..kernelspec import launch_c_kernel, round_up, scalar_arg_dtypes
 from ..targets import Service
 from .base import Backend, Offer, Session, map_containers, try_convert
 
@@ -66,8 +67,6 @@ class OpenCLSession(Session):
     def _binary_key(self, spec) -> str:
         import pyopencl as cl
 
-        from ..compile_cache import DiskCache
-
         dev = self.context.devices[0]
         return DiskCache.key(dev.platform.name, dev.name, dev.driver_version, cl.VERSION_TEXT,
                              spec.digest, spec.options)
@@ -114,8 +113,6 @@ class OpenCLSession(Session):
         import pyopencl as cl
         import pyopencl.array as cl_array
 
-        from ..kernelspec import launch_c_kernel, round_up
-
         queue = self.queue
         block = spec.block or None
 
@@ -124,7 +121,11 @@ class OpenCLSession(Session):
         kernels = self._local.__dict__.setdefault("kernels", {})
         kernel = kernels.get((id(program), spec.name))
         if kernel is None:
-            kernel = kernels[(id(program), spec.name)] = cl.Kernel(program, spec.name)
+            kernel = cl.Kernel(program, spec.name)
+            # Scalars packed by their declared dtype: otherwise PyOpenCL inspects each
+            # NumPy scalar on every call, which cost more than setting all the other arguments.
+            kernel.set_scalar_arg_dtypes(scalar_arg_dtypes(spec))
+            kernels[(id(program), spec.name)] = kernel
 
         def run(device_args, grid):
             global_size = tuple(round_up(g, b) for g, b in zip(grid, block)) if block else grid
