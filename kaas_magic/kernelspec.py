@@ -400,7 +400,12 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
                 f"kernel {spec.name!r}: argument {p.name!r} must be a scalar ({p}), got an array of shape "
                 f"{tuple(np.shape(value))}"
             )
-        given[p.name] = pp.dtype.type(value)
+        try:
+            given[p.name] = pp.dtype.type(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: argument {p.name!r} must be a {p.dtype} scalar ({p}), got {value!r} ({e})"
+            ) from None
         if pp.integer and p.name not in dims:
             dims[p.name] = int(given[p.name])
     out_shapes = {pp.param.name: tuple(dims[d] if d in dims else _eval_dim(d, dims, spec.name) for d, _ in pp.dims)

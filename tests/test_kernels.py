@@ -29,6 +29,8 @@ def test_vector_add_and_saxpy(pool):
     a, b = rng.random(1000, dtype=np.float32), rng.random(1000, dtype=np.float32)
     np.testing.assert_allclose(pool.call("vector_add", a, b), a + b, rtol=1e-6)
     np.testing.assert_allclose(pool.call("saxpy", 2.5, a, b), 2.5 * a + b, rtol=1e-6)
+    # The arguments travelled by parameter name, the dim scalar filled in from the shapes.
+    assert pool.last_run().inputs == ("alpha", "x", "y", "n")
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 16), (33, 20, 17)])
@@ -160,6 +162,7 @@ def test_bad_signature_is_rejected():
         ((np.zeros(4, np.float32),) * 4, {}, "takes 3 argument\\(s\\)"),
         ((np.zeros(4, np.float32),) * 2, {"out": 1}, "'out' is an output"),
         ((np.zeros(4, np.float32),) * 2, {"nope": 1}, "has no argument 'nope'"),
+        ((np.zeros(4, np.float32),) * 2, {"n": "four"}, "argument 'n' must be a int32 scalar .*'four'"),
     ],
 )
 def test_argument_checks_name_the_argument(pool, args, kwargs, match):
