@@ -1,9 +1,11 @@
 """Moving values between notebook and worker.
 
-A plain NumPy array goes as its dtype, its shape and its bytes, nothing else. Plain pickle (protocol 5, arrays out of band, never copied) for what it can carry, in the
-form Dask's "pickle" serialiser reads; Dask's serialisers (cloudpickle, its "dask" family)
-for the rest. Serialising each value eagerly lets us refuse, by name, a value that cannot
-travel before anything runs, and count the bytes moved.
+A plain NumPy array goes as its dtype, its shape and its bytes; a NumPy scalar as its
+dtype and bytes; a handle as its buffer's id. Plain pickle (protocol 5, arrays out of band,
+never copied) carries what it can, in the form Dask's "pickle" serialiser reads; Dask's
+serialisers (cloudpickle, its "dask" family) the rest. Serialising each value eagerly lets
+us refuse, by name, a value that cannot travel before anything runs, and count the bytes
+moved.
 """
 
 from __future__ import annotations
