@@ -148,8 +148,8 @@ class OpenCLSession(Session):
 
     def _empty(self, shape: tuple[int, ...], dtype) -> Any:
         """A new device array, made like a cached template of its shape and dtype:
-        ``cl_array.empty`` derives strides and flags with NumPy on every call, which cost
-        ten times what ``empty_like`` does."""
+        ``cl_array.empty`` derives strides and flags with NumPy on every call, which costs
+        several times what ``empty_like`` does."""
         import pyopencl as cl
         import pyopencl.array as cl_array
 
@@ -163,7 +163,11 @@ class OpenCLSession(Session):
             # A template never holds data of its own: its buffer is a one-byte placeholder.
             placeholder = self._local.__dict__.get("placeholder") or cl.Buffer(self.context, cl.mem_flags.READ_WRITE, 1)
             self._local.placeholder = placeholder
-            template = templates[(shape, dtype)] = cl_array.Array(self.queue, shape, dtype, data=placeholder)
+            try:
+                template = cl_array.Array(self.queue, shape, dtype, data=placeholder)
+            except Exception:  # noqa: BLE001 - a PyOpenCL that checks the buffer's size
+                return cl_array.empty(self.queue, shape, dtype)
+            templates[(shape, dtype)] = template
         return cl_array.empty_like(template)
 
     def memory(self) -> tuple[int | None, int | None]:
