@@ -7,6 +7,8 @@ shared, so every magic spells them the same way.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import shlex
 import sys
 
@@ -81,6 +83,17 @@ def _command_parser() -> MagicArgumentParser:
 _COMMANDS = _command_parser()
 
 
+def _parse_cell_line(line: str) -> argparse.Namespace:
+    """The options of a ``%%kaas`` line. A notebook reruns the same few lines, and parsing
+    one was the largest single cost of a warm cell on the client: each is parsed once."""
+    return argparse.Namespace(**vars(_parsed_cell_line(line)))  # a copy: callers may change it
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_cell_line(line: str) -> argparse.Namespace:
+    return parse_argstring(_cell_parser, line)
+
+
 @magics_class
 class KaasMagics(Magics):
     @line_cell_magic
@@ -100,7 +113,7 @@ class KaasMagics(Magics):
         import kaas_magic as kaas
 
         try:
-            args = parse_argstring(_cell_parser, line)
+            args = _parse_cell_line(line)
         except UsageError as e:
             raise UsageError(f"{e}\n{_cell_parser.parser.format_usage()}") from None
         if not cell.strip():

@@ -6,6 +6,7 @@ the notebook side stays cheap.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from .base import Backend, Offer, Session
@@ -24,6 +25,7 @@ def load(name: str) -> type[Backend]:
     return module.BACKEND
 
 
+@functools.lru_cache(maxsize=None)  # asked for every %%kaas cell
 def injected_names(name: str) -> tuple[str, ...]:
     """Names a backend injects into every cell (never sent from the notebook)."""
     return load(name).session_class.injected
