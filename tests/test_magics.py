@@ -258,3 +258,16 @@ def test_status_and_last_line_magics(ip, pool):
 def test_unknown_command(ip):
     with pytest.raises(UsageError):
         ip.run_line_magic("kaas", "explode")
+
+
+def test_a_magic_line_is_parsed_once_and_each_cell_gets_its_own_options():
+    from kaas_magic.magics import _parse_cell_line, _parsed_cell_line
+
+    first = _parse_cell_line("fpga --fallback --register scale")
+    first.register = "changed by the first cell"
+    again = _parse_cell_line("fpga --fallback --register scale")
+    assert again.register == "scale" and again.fallback is True and again.target == "fpga"
+    assert _parsed_cell_line.cache_info().hits >= 1
+    for _ in range(2):  # a bad line fails every time: errors are not cached
+        with pytest.raises(UsageError, match="nosuch"):
+            _parse_cell_line("nosuch")
