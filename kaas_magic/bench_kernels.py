@@ -72,13 +72,12 @@ class InProcess:
         self.ctx = cl.Context(platform.get_devices(cl.device_type.CPU)[:1])
         self.queue = cl.CommandQueue(self.ctx)
         library = load_library()
-        source = "\n".join(next(s for s in library[k] if s.language == "opencl").source
-                           for k in ("vector_add", "saxpy", "reduce_sum"))
-        self.program = cl.Program(self.ctx, source).build()
-        self.kernels = {k: cl.Kernel(self.program, k) for k in ("vector_add", "saxpy", "reduce_sum")}
+        specs = {k: next(s for s in library[k] if s.language == "opencl") for k in ("vector_add", "saxpy", "reduce_sum")}
+        self.program = cl.Program(self.ctx, "\n".join(spec.source for spec in specs.values())).build()
+        self.kernels = {k: cl.Kernel(self.program, k) for k in specs}
         # As kaas's backend does (and PyOpenCL advises): scalars packed by a declared dtype.
         for name, kernel in self.kernels.items():
-            kernel.set_scalar_arg_dtypes(scalar_arg_dtypes(next(s for s in library[name] if s.language == "opencl")))
+            kernel.set_scalar_arg_dtypes(scalar_arg_dtypes(specs[name]))
 
     def upload(self, a: np.ndarray):
         """The way kaas's OpenCL backend uploads (the copy made as the buffer is), so the

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy
 
 _COUNT = struct.Struct("<Q")
+_TWO = struct.Struct("<QQ")  # the header of a one-frame message: count and length
 
 
 def _encode(message: Any) -> list:
@@ -39,9 +40,6 @@ def _encode(message: Any) -> list:
         return [_TWO.pack(1, len(head)) + head]
     frames = [head, *(b.raw() for b in buffers)]
     return [struct.pack(f"<{len(frames) + 1}Q", len(frames), *(memoryview(f).nbytes for f in frames)), *frames]
-
-
-_TWO = struct.Struct("<QQ")
 
 
 UNIX_BUFFER = 4 * 2**20

@@ -532,9 +532,9 @@ class WorkerRuntime:
     def to_host(self, value: Any, session: Session) -> Any:
         """Device arrays of any backend on this worker (a cell may call kernels of another
         backend than its own) become host arrays."""
-        value = session.to_host(value)
-        if type(value) in _HOST_TYPES:  # the usual case: nothing left to convert
+        if type(value) in _HOST_TYPES:  # the usual case (downloaded already): nothing to convert
             return value
+        value = session.to_host(value)
         for other in {type(s): s for s in self.sessions.values()}.values():
             if type(other) is not type(session):
                 value = other.to_host(value)
@@ -813,8 +813,10 @@ class KernelNamespace:
     def _invoke(self, name: str, arguments: dict):
         """What ``kaas.call`` runs: ``arguments`` by parameter name, or a Python kernel's
         ``__args`` and ``__kwargs``. (Underscored, so that no kernel name is shadowed.)"""
-        args, kwargs = arguments.pop("__args", ()), arguments.pop("__kwargs", arguments)
-        return self.__getattr__(name)(*args, **kwargs)
+        kernel = self.__getattr__(name)  # not getattr: a kernel may be named like an attribute here
+        if "__args" in arguments:
+            return kernel(*arguments["__args"], **arguments["__kwargs"])
+        return kernel(**arguments)
 
     def __dir__(self):
         return sorted(set(self._runtime._library()) | set(self._user))

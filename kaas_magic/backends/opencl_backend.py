@@ -179,7 +179,6 @@ class OpenCLSession(Session):
         """A device copy of a host array, copied as the buffer is made (COPY_HOST_PTR): no
         command goes through the queue, which made uploads quicker on PoCL."""
         import numpy
-        import pyopencl as cl
         import pyopencl.array as cl_array
 
         host = numpy.ascontiguousarray(value)
