@@ -26,31 +26,49 @@ KINDS = ("cpu numpy", "fpga kernel", "tpu jax", "qpu circuit")
 SOAK_BOUND_MIB = 64  # what the soak may add to a process's resident memory
 
 
-def _one_call(pool, kind: str, tag: int):
-    """Run one tagged task of ``kind``; return True when the result is right for ``tag``."""
+# A cpu task also prints its tag and reports the process state a cell could have changed:
+# output reaching the wrong caller, or one cell's state reaching another's, counts as wrong.
+_CPU_TASK = """
+import os, sys, warnings, numpy
+print('tag', tag)
+y = x * 2 + tag
+state = (os.getcwd(), os.environ.get('KAAS_FAULT'), sys.stdout.__class__.__name__,
+         any(f[0] == 'error' for f in warnings.filters), numpy.geterr()['divide'])
+"""
+
+
+def _one_call(pool, kind: str, tag: int, baseline: dict | None = None):
+    """Run one tagged task of ``kind``; return True when the result is right for ``tag``.
+    Calls are safe to run twice, so a worker lost under one (a fault elsewhere) retries it."""
     quiet = io.StringIO()
     if kind == "cpu numpy":
         x = np.arange(32, dtype=np.int64)
-        y = pool.run("y = x * 2 + tag", "cpu", inputs={"x": x, "tag": tag}, stdout=quiet).outputs["y"]
-        return bool(np.array_equal(y, x * 2 + tag))
+        result = pool.run(_CPU_TASK, "cpu", inputs={"x": x, "tag": tag}, stdout=quiet, retries=2,
+                          outputs=["y", "state"])
+        state = result.outputs["state"]
+        if baseline is not None:
+            baseline.setdefault("state", state)
+        clean = baseline is None or state == baseline["state"]
+        return bool(np.array_equal(result.outputs["y"], x * 2 + tag)) and quiet.getvalue() == f"tag {tag}\n" and clean
     if kind == "fpga kernel":
         a = np.full(256, tag % 100_000, dtype=np.float32)
-        out = pool.call("vector_add", a, a, target="fpga", fallback=True)
+        out = pool.call("vector_add", a, a, target="fpga", fallback=True, retries=2)
         return bool(np.array_equal(out, a + a))
     if kind == "tpu jax":
         x = np.arange(8, dtype=np.float32)
         y = pool.run("y = xp.sum(x) + tag", "tpu", inputs={"x": x, "tag": float(tag % 1000)}, fallback=True,
-                     stdout=quiet).outputs["y"]
+                     stdout=quiet, retries=2).outputs["y"]
         return float(y) == float(x.sum()) + float(tag % 1000)
-    counts = pool.call("bell", shots=32)
+    counts = pool.call("bell", shots=32, retries=2)
     return sum(counts.values()) == 32 and set(counts) <= {"00", "11"}
 
 
-def _client(address: str, client_index: int, seconds: float, results) -> None:
+def _client(address: str, security, client_index: int, seconds: float, results) -> None:
     """One notebook client in its own process: mixed tasks until time is up."""
     from .client import Pool
 
-    pool = Pool.connect(address)
+    pool = Pool.connect(address, security=security)
+    baseline: dict = {}
     latencies: list[float] = []
     errors: Counter = Counter()
     wrong = 0
@@ -63,7 +81,7 @@ def _client(address: str, client_index: int, seconds: float, results) -> None:
         sent += 1
         started = time.perf_counter()
         try:
-            ok = _one_call(pool, kind, tag)
+            ok = _one_call(pool, kind, tag, baseline)
         except Exception as e:
             errors[f"{kind}: {type(e).__name__}"] += 1
             continue
@@ -75,14 +93,24 @@ def _client(address: str, client_index: int, seconds: float, results) -> None:
                  "latencies": latencies, "errors": dict(errors), "wrong": wrong, "per_kind": dict(per_kind)})
 
 
-def run_load(address: str, clients: int, seconds: float) -> tuple[list[str], dict]:
+def run_load(address: str, clients: int, seconds: float, security=None,
+             faults: bool = False) -> tuple[list[str], dict]:
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(address, i, seconds, results)) for i in range(clients)]
+    procs = [ctx.Process(target=_client, args=(address, security, i, seconds, results)) for i in range(clients)]
+    injector = None
+    if faults:
+        from .bench_faults import inject
+
+        fault_results = ctx.Queue()
+        injector = ctx.Process(target=inject, args=(address, security, seconds, fault_results))
     started = time.monotonic()
     for p in procs:
         p.start()
+    if injector is not None:
+        injector.start()
     reports = [results.get(timeout=seconds + 300) for _ in procs]
+    fault_report = fault_results.get(timeout=300) if injector is not None else None
     for p in procs:
         p.join(30)
     wall = time.monotonic() - started
@@ -110,6 +138,11 @@ def run_load(address: str, clients: int, seconds: float) -> tuple[list[str], dic
         + (f" ({dict(errors)})" if errors else ""),
         f"  every client reported: {totals['reported_clients'] == clients}",
     ]
+    if fault_report is not None:
+        from .bench_faults import summary
+
+        fault_lines, totals["faults_unexpected"] = summary(fault_report)
+        lines += fault_lines
     return lines, totals
 
 
@@ -159,11 +192,13 @@ def main(args: argparse.Namespace) -> int:
     pool = Pool.start(2)
     try:
         pool.wait_ready()
-        lines, totals = run_load(pool.scheduler_address, args.clients, args.seconds)
+        lines, totals = run_load(pool.scheduler_address, args.clients, args.seconds,
+                                 security=pool.client.security, faults=args.faults)
         print("\n".join(lines), flush=True)
         soak_lines, _ = run_soak(pool, args.soak)
         print("\n".join(soak_lines), flush=True)
     finally:
         pool.close()
-    healthy = totals["wrong"] == 0 and totals["lost"] == 0 and totals["errors"] == 0
+    healthy = (totals["wrong"] == 0 and totals["lost"] == 0 and totals["errors"] == 0
+               and not totals.get("faults_unexpected"))
     return 0 if healthy else 1

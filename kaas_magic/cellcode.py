@@ -110,9 +110,29 @@ def padded(source: str, line_offset: int) -> str:
     return "\n" * line_offset + source
 
 
-@functools.lru_cache(maxsize=512)
 def analyse(source: str, filename: str = "<kaas-cell>", line_offset: int = 0) -> CellInfo:
-    """Parse ``source``; a SyntaxError carries the cell's filename and line number."""
+    """Parse ``source``; a SyntaxError carries the cell's filename and line number.
+
+    Cached by (source, line_offset): the text parsed is exactly ``padded(source,
+    line_offset)``, and the filename only names the cell in a SyntaxError, which is never
+    cached (the magics name each run ``<kaas In[n]>``, so keying on it would miss on every
+    re-run of a cell)."""
+    try:
+        return _analysed(source, line_offset)
+    except SyntaxError:
+        return _analyse(source, filename, line_offset)  # fails the same way, naming the cell
+
+
+@functools.lru_cache(maxsize=512)
+def _analysed(source: str, line_offset: int) -> CellInfo:
+    return _analyse(source, "<kaas-cell>", line_offset)
+
+
+analyse.cache_info = _analysed.cache_info  # type: ignore[attr-defined]
+analyse.cache_clear = _analysed.cache_clear  # type: ignore[attr-defined]
+
+
+def _analyse(source: str, filename: str, line_offset: int) -> CellInfo:
     tree = ast.parse(padded(source, line_offset), filename=filename, mode="exec")
     reads = _global_reads(symtable.symtable(padded(source, line_offset), filename, "exec"))
     # Python 3.12 inlines comprehensions (PEP 709): symtable then reports their loop

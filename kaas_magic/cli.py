@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     load = bench.add_argument_group("load")
     load.add_argument("--seconds", type=float, default=20, help="how long the clients run (default 20)")
     load.add_argument("--soak", type=int, default=5000, help="small calls in the soak (default 5000)")
+    load.add_argument("--faults", action="store_true",
+                      help="one more client injects faults (runaway native code, vanished callers, slow readers, "
+                           "cells that change process state) while the others run")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -15,24 +15,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import hashlib
 import concurrent.futures
 import io
 import itertools
 import os
+import pickle
 import random
 import socket
 import sys
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TextIO
 
 from . import config as kaas_config
-from . import serial
+from . import fastlink, serial
 from .errors import (
+    CallTimeout,
     KaasError,
+    LinkBroken,
     PoolNotRunning,
     SchedulerLost,
     SchedulerUnreachable,
@@ -108,6 +111,8 @@ class Pool:
         self._scheduler_lost_since: float | None = None
         self._endpoints: dict[str, dict] = {}  # worker address -> where its direct link listens
         self._links = Links(client.connection_args.get("ssl_context"))
+        max_value, max_message = _transfer_limits()
+        fastlink.set_limits(max_value + 2**20, max_message + 2**24)
         self._scheduler_error: BaseException | None = None
         self._closed = False
         self._comms = self._sync(self._start_comm_pool())
@@ -117,9 +122,17 @@ class Pool:
 
     # -- construction --
 
+    # Embedded pools this process started: scheduler address -> a weak reference to the
+    # cluster, whose certificates (in memory only) let Pool.connect reach it too.
+    _embedded_clusters: dict = {}
+
     @classmethod
     def start(cls, n_workers: int | None = None, **cluster_kwargs) -> "Pool":
-        """Start an embedded LocalCluster of worker processes, on 127.0.0.1 only."""
+        """Start an embedded LocalCluster of worker processes, on 127.0.0.1 only, and
+        (kaas.pool.security: temporary, the default) with mutual TLS on throwaway
+        certificates, so that other users of this machine cannot use it."""
+        import weakref
+
         import dask.config
         from distributed import Client, LocalCluster
 
@@ -129,13 +142,41 @@ class Pool:
         # Loopback only: whoever reaches the pool can run code on it.
         cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
         cluster_kwargs.setdefault("worker_dashboard_address", "127.0.0.1:0")
+        # And only this user: any local user can reach 127.0.0.1, so the scheduler, nannies,
+        # workers, this client and kaas's direct links all require certificates made for this
+        # pool alone (Dask's Security.temporary(), in memory: never written where others read).
+        if "security" not in cluster_kwargs:
+            mode = kaas_config.get("pool.security", "temporary")
+            mode = "none" if mode in (None, False) else str(mode).strip().lower()
+            if mode == "temporary":
+                from distributed.security import Security
+
+                try:
+                    cluster_kwargs["security"] = Security.temporary()
+                except ImportError as e:
+                    raise KaasError(
+                        "the embedded pool's TLS certificates need the `cryptography` package: "
+                        "pip install cryptography (or set kaas.pool.security: none, and then any "
+                        "user of this machine can run code as you through the pool)") from e
+                cluster_kwargs.setdefault("protocol", "tls://")
+            elif mode != "none":
+                raise KaasError(f"kaas.pool.security must be 'temporary' or 'none', not {mode!r}")
+        # The workers end with this process (a kernel restart, a crash), even one stuck in C
+        # code: their supervisors watch this pid, handed on by the nannies (see supervisor).
+        from .supervisor import owner_environment
+
+        cluster_kwargs["env"] = {**(cluster_kwargs.get("env") or {}), **owner_environment()}
         # Nannies hand their config to the worker processes they start (and restart).
         profiler = bool(kaas_config.get("pool.worker-profiler", False))
         with dask.config.set({"distributed.worker.profile.enabled": profiler}):
             cluster = LocalCluster(
                 n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
             )
-        client = Client(cluster, set_as_default=False)
+        client = Client(cluster, security=getattr(cluster, "security", None), set_as_default=False)
+        for address, ref in list(cls._embedded_clusters.items()):  # forget the collected ones
+            if ref() is None:
+                cls._embedded_clusters.pop(address, None)
+        cls._embedded_clusters[cluster.scheduler_address] = weakref.ref(cluster)
         return cls(client, cluster)
 
     @classmethod
@@ -143,6 +184,9 @@ class Pool:
         """Use an existing Dask scheduler (any deployment: jobqueue, Kubernetes, Gateway)."""
         from distributed import Client
 
+        if security is None:  # an embedded pool of this process: with its own certificates
+            cluster = cls._embedded_clusters.get(address, lambda: None)()
+            security = getattr(cluster, "security", None)
         failure = None
         try:
             client = Client(address, security=security, timeout=timeout, set_as_default=False)
@@ -438,7 +482,7 @@ class Pool:
         self._check_usable()
         # Named by content, so that running the same code again hits the parse cache here
         # and the compile cache on the worker.
-        filename = filename or f"<kaas-cell-{zlib.crc32(code.encode()):08x}>"
+        filename = filename or f"<kaas-cell-{hashlib.blake2b(code.encode(), digest_size=8).hexdigest()}>"
         info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
         body = {
             "code": code, "filename": filename, "line_offset": line_offset,
@@ -459,10 +503,13 @@ class Pool:
                 worker, stdout, stderr, keep, progress, timeout, retries, t_start: float) -> RunResult:
         """What run() and call() share: route, send, relay, rebuild, record. ``body`` says
         what runs: cell code, or (from call()) one registered kernel."""
-        if timeout is None:
-            timeout = kaas_config.get("timeout")
-        if timeout is not None and float(timeout) <= 0:
-            raise KaasError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        from .stopping import check_call_options
+
+        # Checked before anything is sent (a bad value must not switch a worker's safety
+        # off). Every call runs under a timeout: its own, kaas.timeout, or (None) the
+        # worker's kaas.limits.max-timeout.
+        timeout, retries = check_call_options(kaas_config.get, timeout, retries,
+                                              inputs if backend == "qiskit" and "kernel" in body else None)
         started_wall = time.time() - (time.perf_counter() - t_start)
         call_id = f"{self._pid}-{next(self._counter)}-{random.getrandbits(24):06x}"
 
@@ -671,12 +718,6 @@ class Pool:
                 pass
 
     def _remote_exception(self, error: dict, record: RunRecord) -> BaseException:
-        exc = error.get("exception")
-        if exc is not None:
-            try:
-                error["exception"] = serial.loads(exc)
-            except Exception:  # its class does not exist here: rebuilt by name
-                error["exception"] = None
         exception = rebuild_remote_exception(
             error, worker=record.worker, where=f"{record.target} on {record.label()}"
         )
@@ -698,38 +739,74 @@ class Pool:
             self._forget_worker(address)
             raise WorkerLost(f"worker {address} cannot be reached ({type(e).__name__}: {e}); it may have died. "
                              f"The pool replaces dead workers; calls on other workers go on") from e
-        captured = {"stdout": [], "stderr": []}
-        streams = {"stdout": stdout, "stderr": stderr}
+        relay = _OutputRelay(stdout, stderr, on_state)
+        call_id = message["call_id"]
+        from .stopping import REPLY_MARGIN_S, max_timeout
+
+        # Nothing here waits for ever: past its timeout (without one, this notebook's
+        # kaas.limits.max-timeout) and the worker's and its supervisor's time to stop it,
+        # plus a few seconds, the call is given up (and the worker with it).
+        budget = message.get("timeout") or max_timeout(kaas_config.get("limits.max-timeout", None))
+        deadline = time.monotonic() + budget + REPLY_MARGIN_S
         try:
+            link.sock.settimeout(budget + REPLY_MARGIN_S)
             link.send(message)
             while True:
                 reply = link.receive()
-                if not (isinstance(reply, dict) and reply.get("kind") == "stream"):
+                if not _answers(reply, call_id):
+                    raise _Mismatch(reply)
+                if reply.get("kind") != "stream":
                     break
-                for name, text in reply["chunks"]:
-                    if name == "state":
-                        on_state(text)
-                        continue
-                    streams[name].write(text)
-                    captured[name].append(text)
-                for stream in streams.values():
-                    stream.flush()
+                relay.write(reply["chunks"])
+                link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            link.sock.settimeout(None)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(self._cancel_remote(address, message["call_id"], link)) from None
-        except (OSError, EOFError, ValueError) as e:
+            raise KeyboardInterrupt(self._cancel_remote(address, call_id, link)) from None
+        except _Mismatch as e:
             link.close()
-            self._forget_worker(address)
-            raise WorkerLost(
-                f"worker {address} died (or became unreachable) while running this call "
-                f"({type(e).__name__}: {e}). The pool replaces dead workers and calls "
-                f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
-                f"if running it twice is safe"
-            ) from e
+            raise LinkBroken(
+                f"the link to worker {address} carried a reply that is not this call's ({e}); the link was "
+                f"dropped and nothing from it was used. The worker goes on serving; run the call again"
+            ) from None
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # the link, not our output
+            link.close()
+            if time.monotonic() > deadline - REPLY_MARGIN_S:  # past its timeout: the worker was stopped
+                self._forget_worker(address)
+                how = (f"did not answer within {REPLY_MARGIN_S:.0f} s more" if isinstance(e, TimeoutError)
+                       else "was stopped, as the code could not be stopped in place")
+                raise CallTimeout(f"the cell ran past its timeout of {budget:g} s and worker {address} {how}: "
+                                  f"the worker is being replaced by a fresh one") from None
+            raise self._link_failed(address, e) from e
         self._links.give_back(endpoint, link)
-        if not isinstance(reply, dict) or reply.get("kind") != "result":
-            text = reply.get("text") if isinstance(reply, dict) else reply
-            raise KaasError(f"worker {address} could not accept the call: {text}")
-        return reply, ("".join(captured["stdout"]), "".join(captured["stderr"]))
+        if reply.get("kind") != "result":
+            raise KaasError(f"worker {address} could not accept the call: {reply.get('text')}")
+        return reply, relay.captured()
+
+    def _link_failed(self, address: str, error: BaseException) -> KaasError:
+        """A call's link broke. Only evidence that the worker is gone drops it from routing:
+        the scheduler no longer lists it, or a fresh connection to it fails. A link broken
+        for another reason (a peer's bad frame, a stalled send) costs this call only."""
+        gone = False
+        try:
+            self._sync(self._refresh_routes(), timeout=5)
+            gone = address not in {r.address for r in self.routes()}
+        except Exception:  # the scheduler is unreachable: judge by the worker alone
+            pass
+        if not gone:
+            try:
+                self._links.probe(self._endpoint(address))
+            except Exception:
+                gone = True
+        if gone:
+            self._forget_worker(address)
+            return WorkerLost(
+                f"worker {address} died (or became unreachable) while running this call "
+                f"({type(error).__name__}: {error}). The pool replaces dead workers and calls "
+                f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
+                f"if running it twice is safe")
+        return LinkBroken(
+            f"the link to worker {address} broke during this call ({type(error).__name__}: {error}); the worker "
+            f"is still in the pool and goes on serving, but this call's result is lost: run it again")
 
     def transport(self, address: str) -> str:
         """How calls reach worker ``address``: "unix" (a Unix socket, for a worker on this
@@ -836,10 +913,11 @@ class Pool:
 
     def call(self, name: str, *args, target: str | None = None, backend: str | None = None,
              fallback: bool | None = None, keep: bool = False, timeout: float | None = None,
-             **kwargs) -> Any:
+             retries: int = 0, **kwargs) -> Any:
         """Run kernel ``name`` with ``args`` on the best device that can, and return its
         result as host values (``keep=True``: as handles to device buffers). Arguments are
-        checked against the signature before launch; handles among them are used in place."""
+        checked against the signature before launch; handles among them are used in place.
+        ``retries`` as for :meth:`run`."""
         t_start = time.perf_counter()
         self._check_usable()
         specs = self._kernel_specs(name)
@@ -854,7 +932,7 @@ class Pool:
                 "filename": f"<kaas call {name}>"}
         result = self._submit(body, target, inputs, ["__result"], backend=spec.backend, fallback=True, worker=None,
                               stdout=io.StringIO(), stderr=None, keep=keep, progress=None, timeout=timeout,
-                              retries=0, t_start=t_start)
+                              retries=retries, t_start=t_start)
         return result.outputs["__result"]
 
     def register(self, source: str, language: str, *, signature: str | None = None,
@@ -923,9 +1001,7 @@ class Pool:
         from . import backends
         from .cellcode import analyse
 
-        filename = options.get("filename") or "<kaas-cell>"
-        options["filename"] = filename
-        info = analyse(code, filename, options.get("line_offset", 0))
+        info = analyse(code, options.get("filename") or "<kaas-cell>", options.get("line_offset", 0))
         if inputs is None:
             route, service, _ = self.route(
                 target, options.get("backend"), options.get("fallback"), options.get("worker")
@@ -1037,8 +1113,14 @@ class Pool:
         return f"<kaas Pool {kind} {self.scheduler_address} workers={len(self.routes())}>"
 
 
+def _transfer_limits() -> tuple[int, int]:
+    """kaas.transfer's (max-bytes, max-message-bytes)."""
+    return (int(kaas_config.get("transfer.max-bytes", 2**31) or 2**31),
+            int(kaas_config.get("transfer.max-message-bytes", 2**32) or 2**32))
+
+
 def _serialize_inputs(inputs: Mapping[str, Any]):
-    limit = int(kaas_config.get("transfer.max-bytes", 2**31))
+    limit, message_limit = _transfer_limits()
     out, total = {}, 0
     for name, value in inputs.items():
         try:
@@ -1053,6 +1135,10 @@ def _serialize_inputs(inputs: Mapping[str, Any]):
                 f"(kaas.transfer.max-bytes)"
             )
         total += size
+        if total > message_limit:
+            raise VariableNotSendable(
+                name, value, f"with it the call's variables come to {total:,} bytes, over the limit of "
+                f"{message_limit:,} bytes for one call (kaas.transfer.max-message-bytes)")
         out[name] = ser
     return out, total
 
@@ -1088,3 +1174,70 @@ def _map_handles(value: Any, convert: Callable[[DeviceHandle], Any]) -> Any:
     from .backends.base import map_containers
 
     return map_containers(value, lambda v: convert(v) if isinstance(v, DeviceHandle) else v)
+
+
+class _Mismatch(Exception):
+    """A reply on a link that does not answer the call waiting on it."""
+
+    def __init__(self, reply: Any):
+        got = reply.get("call_id") if isinstance(reply, dict) else type(reply).__name__
+        super().__init__(f"it answers call {got!r}")
+
+
+def _answers(reply: Any, call_id: str) -> bool:
+    """Whether ``reply`` belongs to the call ``call_id``. A refusal of a request the worker
+    could not even read names no call."""
+    if type(reply) is not dict:
+        return False
+    got = reply.get("call_id")
+    return got == call_id or (got is None and reply.get("kind") == "refused")
+
+
+class _OutputRelay:
+    """A call's streamed output, written where the caller prints as it arrives. A failure
+    here is the notebook's own (a stream that cannot encode a character, a closed stream,
+    a view that fails to update): it never breaks the link or blames the worker. Text a
+    stream cannot encode is written with backslash escapes; a stream that fails otherwise
+    is given up for this call (its text is still in the result)."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO, on_state: Callable[[str], None]):
+        self._streams: dict[str, TextIO | None] = {"stdout": stdout, "stderr": stderr}
+        self._on_state = on_state
+        self._text: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def write(self, chunks) -> None:
+        for name, text in chunks:
+            if name == "state":
+                try:
+                    self._on_state(text)
+                except Exception:  # noqa: BLE001 - a view's trouble is not the call's
+                    pass
+                continue
+            self._text[name].append(text)
+            stream = self._streams[name]
+            if stream is not None:
+                self._streams[name] = _write_or_give_up(stream, text)
+        for name, stream in self._streams.items():
+            if stream is not None:
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001
+                    self._streams[name] = None
+
+    def captured(self) -> tuple[str, str]:
+        return "".join(self._text["stdout"]), "".join(self._text["stderr"])
+
+
+def _write_or_give_up(stream: TextIO, text: str) -> TextIO | None:
+    try:
+        stream.write(text)
+        return stream
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+            return stream
+        except Exception:  # noqa: BLE001
+            return None
+    except Exception:  # noqa: BLE001 - closed or broken: stop writing to it
+        return None

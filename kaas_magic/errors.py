@@ -6,7 +6,10 @@ Each error names what went wrong (the variable, the target, the worker) and carr
 
 from __future__ import annotations
 
+import importlib
+import pickle
 import traceback
+import types
 from typing import Any
 
 
@@ -42,6 +45,12 @@ class WorkerLost(KaasError, ConnectionError):
     """The worker running a call died or became unreachable."""
 
 
+class LinkBroken(KaasError, ConnectionError):
+    """The direct link to a worker failed during a call while the worker itself is still in
+    the pool (or a reply came that belonged to no call of ours): the link is dropped, the
+    worker keeps serving, and this call's result is lost."""
+
+
 class StaleHandleError(KaasError, LookupError):
     """A device handle whose buffer is gone: freed, evicted, or its worker left the pool."""
 
@@ -70,6 +79,73 @@ class RemoteError(Exception):
     """A worker-side exception whose own type could not be rebuilt in the notebook."""
 
 
+# --- an exception's wire form, and its rebuild --------------------------------------------
+
+
+def exception_state(exc: BaseException) -> dict:
+    """What it takes to rebuild ``exc`` elsewhere: its class by name, its ``args``, and every
+    attribute it has, those kept in C slots (``SystemExit.code``, ``StopIteration.value``,
+    ``OSError.errno``, ``UnicodeError.reason``, a class's ``__slots__``) as well as its
+    ``__dict__``; each value pickled on its own, so one that cannot travel drops alone.
+
+    Not ``pickle.dumps(exc)``: Dask installs tblib's exception pickling, whose rebuild
+    loses the slot attributes."""
+    cls = type(exc)
+    attributes: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for name, descriptor in vars(klass).items():
+            if name.startswith("__") or name == "args":
+                continue
+            if isinstance(descriptor, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                try:
+                    attributes[name] = getattr(exc, name)
+                except Exception:  # noqa: BLE001 - unset (OSError.characters_written)
+                    pass
+    attributes.update(getattr(exc, "__dict__", {}))
+    packed = {}
+    for name, value in attributes.items():
+        if isinstance(value, BaseException) or name.startswith("kaas_") or name == "_render_traceback_":
+            continue
+        try:
+            packed[name] = pickle.dumps(value, protocol=5)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        args = pickle.dumps(exc.args, protocol=5)
+    except Exception:  # noqa: BLE001 - unpicklable arguments: their text
+        args = pickle.dumps(tuple(str(a) for a in exc.args), protocol=5)
+    return {"module": cls.__module__, "qualname": cls.__qualname__, "args": args, "attributes": packed}
+
+
+def exception_from_state(state: dict) -> BaseException | None:
+    """The exception ``exception_state`` described, of its own class when that class exists
+    here (None when it does not: the caller makes a stand-in)."""
+    try:
+        cls: Any = importlib.import_module(state["module"])
+        for part in state["qualname"].split("."):
+            cls = getattr(cls, part)
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            return None
+        args = pickle.loads(state["args"])
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        exc = cls(*args)
+    except Exception:  # noqa: BLE001 - an __init__ of another shape: rebuilt without it
+        exc = cls.__new__(cls, *args)
+        exc.args = args
+    set_attributes(exc, state)
+    return exc
+
+
+def set_attributes(exc: BaseException, state: dict) -> None:
+    for name, value in state.get("attributes", {}).items():
+        try:
+            setattr(exc, name, pickle.loads(value))
+        except Exception:  # noqa: BLE001 - read-only here, or its value's class is missing
+            pass
+
+
 def rebuild_remote_exception(error: dict, *, worker: str, where: str) -> BaseException:
     """Turn a worker's error payload into an exception of the original type.
 
@@ -78,10 +154,13 @@ def rebuild_remote_exception(error: dict, *, worker: str, where: str) -> BaseExc
     The remote traceback, with the cell's own line numbers, is attached both as a note (for
     plain Python) and through ``_render_traceback_`` (for IPython).
     """
-    exc = error.get("exception")
-    if not isinstance(exc, BaseException):
+    state = error.get("state")
+    exc = exception_from_state(state) if state else None
+    if exc is None:
         name = error["type"].rsplit(".", 1)[-1]
         exc = type(name, (RemoteError,), {"__module__": "kaas_magic.remote"})(error["message"])
+        if state:
+            set_attributes(exc, state)
     if isinstance(exc, KaasError):  # our own errors: the message says it all
         exc.kaas_worker = worker  # type: ignore[attr-defined]
         exc.kaas_frames = error.get("frames") or []  # type: ignore[attr-defined]

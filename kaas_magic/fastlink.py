@@ -3,15 +3,23 @@
 Dask's comms serve everything else (status, metrics, freeing buffers, cancelling), but a
 warm call is the product, and going through the client's event loop costs two thread hops
 and the GIL contention of that loop. Here the calling thread itself writes the request and
-reads the reply on a blocking socket (with TLS when the pool uses it), and on the worker a
-thread per link reads the request and runs the call itself: no event loop on either side.
+reads the reply on a blocking socket, and on the worker a thread per link reads the request
+and runs the call itself: no event loop on either side.
+
+Who may talk: over TCP, TLS with client certificates whenever the pool uses TLS (the
+embedded pool always does); over the Unix socket, only this user (a 0700 folder, and each
+side checks the other's uid), with no TLS, so the hot path pays nothing for it.
+
+What a link trusts of its peer: nothing it announces. Every reply carries the id of the
+call it answers and the client refuses any other (a forked child of a cell cannot answer
+for the worker); a message announced past the transfer limits is refused before a byte of
+it is read; a send that stalls (a caller that stopped reading) drops the link.
 
 A message is a pickle (protocol 5) with its buffers out of band, so arrays are never
 copied into it, sent as frames prefixed by their count and lengths. Values inside it were
-serialised beforehand, one by one (see serial), so that a value that
-cannot travel is named. Pickle, not Dask's msgpack framing, because Dask's ``loads`` took
-several times longer to decode a call; the trust model is the same (Dask unpickles too),
-and TLS protects the link when the pool uses it.
+serialised beforehand, one by one (see serial), so that a value that cannot travel is
+named. Pickle, not Dask's msgpack framing, because Dask's ``loads`` took several times
+longer to decode a call; the trust model is the same (Dask unpickles too).
 """
 
 from __future__ import annotations
@@ -76,10 +84,26 @@ def _send(sock: socket.socket, message: Any) -> None:
             parts[0] = parts[0][sent:]
 
 
+class FrameTooLarge(ValueError):
+    """A peer announced a message larger than this side accepts: the link is dropped
+    before any of it is read, so no peer can make this process allocate what it names."""
+
+
+# What one message may carry, set from kaas.transfer (see set_limits): the largest frame
+# (one value's bytes, plus the pickle's own frame) and all frames together.
+_limits = {"frame": 2**31 + 2**20, "message": 2**32}
+
+
+def set_limits(max_frame: int, max_message: int) -> None:
+    """Bound what a link reads (from kaas.transfer.max-bytes and max-message-bytes)."""
+    _limits["frame"], _limits["message"] = int(max_frame), int(max_message)
+
+
 class _Reader:
     """Reads messages from a socket. A small message (a call's request, most replies)
     arrives whole in one system call into a read-ahead buffer and is cut from there; a
-    large frame (an array) is read straight into its own buffer, never copied."""
+    large frame (an array) is read straight into its own buffer, never copied. A header
+    that names more than the limits is refused before anything is allocated."""
 
     AHEAD = 65536
     MAX_FRAMES = 4096  # a header longer than this is not one of ours
@@ -96,6 +120,11 @@ class _Reader:
             raise ValueError(f"not a kaas message (a header of {count} frames)")
         self._have(8 + 8 * count)
         lengths = struct.unpack_from(f"<{count}Q", self._ahead, self._start + 8)
+        if max(lengths) > _limits["frame"] or sum(lengths) > _limits["message"]:
+            raise FrameTooLarge(
+                f"the peer announced a message of {sum(lengths):,} bytes (largest part {max(lengths):,}), over "
+                f"this side's limits of {_limits['frame']:,} per part and {_limits['message']:,} in all "
+                f"(kaas.transfer.max-bytes, kaas.transfer.max-message-bytes)")
         self._start += 8 + 8 * count
         return [self._frame(n) for n in lengths]
 
@@ -139,19 +168,61 @@ class Replier:
     Thread-safe, because a call's own thread streams its output while, rarely, another
     thread answers for a call that cannot be stopped."""
 
+    # A caller that stops reading (its notebook's output blocks) holds a send at most this
+    # long; then its link is dropped, and the call's thread is free again.
+    SEND_TIMEOUT = 30.0
+
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.broken = False
+        self.call_id: str | None = None  # the call being answered (set by the handler)
+        with contextlib.suppress(OSError, AttributeError):  # a blocking send, bounded in the kernel
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", int(self.SEND_TIMEOUT), 0))
+
+    @property
+    def sock(self) -> socket.socket:
+        """The link's socket: the worker watches it for a caller that goes away (read-only
+        use; only this object writes on it)."""
+        return self._sock
 
     def write(self, message: Any, timeout: float | None = None) -> bool:
-        """Send ``message``; False when the lock was not had within ``timeout`` seconds."""
+        """Send ``message``; False when the lock was not had within ``timeout`` seconds.
+
+        A send that fails or times out part-way leaves the link mid-message: it is shut
+        down, so the caller sees a broken link, never half a reply, and later writes fail."""
+        if os.getpid() != self._pid:
+            self._in_forked_child(message)
         if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
             return False
         try:
-            _send(self._sock, message)
+            if self.broken:
+                raise ConnectionAbortedError("this link was dropped after a failed send")
+            if type(message) is dict:  # every reply names the call it answers
+                message["call_id"] = self.call_id
+                if message.get("kind") != "stream":
+                    self.call_id = None  # answered: a second answer would not match
+            try:
+                _send(self._sock, message)
+            except OSError:
+                self.broken = True
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                raise
             return True
         finally:
             self._lock.release()
+
+    @staticmethod
+    def _in_forked_child(message: Any) -> None:
+        """A cell forked, and its child (a copy of the call's thread) is writing on the
+        worker's link. It must never answer a call: its output is dropped, and when it gets
+        back to answering the call (the cell's code ended without exiting), it exits."""
+        if isinstance(message, dict) and message.get("kind") in ("result", "refused"):
+            os._exit(0)
+        raise ConnectionAbortedError("a forked child of a cell cannot write on the worker's link")
 
 
 class Server:
@@ -162,14 +233,22 @@ class Server:
 
     It listens on TCP (``host``, a free port) and, for clients on the same machine, on a
     Unix socket at ``unix_path``, which is cheaper than loopback TCP for small and large
-    messages alike (``kaas bench kernels`` prints the bare cost of both). Its folder is
-    private to this user (as Dask's worker folders are); TLS, when the pool uses it, runs
-    over either."""
+    messages alike (``kaas bench kernels`` prints the bare cost of both).
+
+    Who may connect: over TCP, when the pool uses TLS (the embedded pool does), only a
+    client with a certificate the pool's CA signed (``ssl_context`` must require client
+    certificates). The Unix socket carries no TLS, so that the hot path pays nothing for
+    it: only this OS user reaches it (its folder is private, mode 0700, and the socket
+    itself 0600), and each connection's peer is checked with SO_PEERCRED besides (the
+    same user id as this process, or the connection is closed before anything is read)."""
 
     def __init__(self, host: str, handler: Callable[..., dict], ssl_context: ssl.SSLContext | None,
                  unix_path: str | None = None):
         self._handler = handler
         self._ssl = ssl_context
+        if ssl_context is not None and ssl_context.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("a TLS direct link must require client certificates (CERT_REQUIRED)")
+        self._uid = os.getuid() if hasattr(os, "getuid") else None
         self._closed = False
         self._listeners = [socket.create_server((host, 0))]
         self.port = self._listeners[0].getsockname()[1]
@@ -178,6 +257,7 @@ class Server:
             try:
                 unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 unix.bind(unix_path)
+                os.chmod(unix_path, 0o600)  # the folder is private already; this is belt and braces
                 unix.listen()
                 self._listeners.append(unix)
                 self.unix_path = unix_path
@@ -194,10 +274,25 @@ class Server:
                 return
             threading.Thread(target=self._serve, args=(sock,), name="kaas-link", daemon=True).start()
 
+    def _peer_is_me(self, sock: socket.socket) -> bool:
+        """A Unix-socket peer runs as this process's user (SO_PEERCRED, where the system has
+        it; elsewhere the private folder alone keeps others out)."""
+        option = getattr(socket, "SO_PEERCRED", None)
+        if option is None or self._uid is None:
+            return True
+        try:
+            _pid, uid, _gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("iII")))
+        except OSError:
+            return False
+        return uid == self._uid
+
     def _serve(self, sock: socket.socket) -> None:
         try:
+            unix = sock.family == getattr(socket, "AF_UNIX", None)
+            if unix and not self._peer_is_me(sock):
+                return  # another user: closed before a byte is read
             tune(sock)
-            if self._ssl is not None:
+            if self._ssl is not None and not unix:  # TLS on TCP only: the Unix socket is private
                 sock.settimeout(10)  # a handshake that never comes must not hold the thread
                 sock = self._ssl.wrap_socket(sock, server_side=True)
                 sock.settimeout(None)
@@ -206,7 +301,7 @@ class Server:
             while not self._closed:
                 try:
                     frames = reader.message()
-                except (ConnectionError, OSError):  # the client closed the link
+                except (ConnectionError, OSError, ValueError):  # closed, or not a message of ours: drop it
                     return
                 try:
                     message = _decode(frames)
@@ -249,9 +344,13 @@ class Link:
 
     def __init__(self, endpoint: dict, ssl_context: ssl.SSLContext | None, timeout: float = 5):
         host = endpoint["host"]
-        sock = _connect_unix(endpoint) or socket.create_connection((host, endpoint["port"]), timeout=timeout)
+        sock = _connect_unix(endpoint)
+        if sock is None:
+            sock = socket.create_connection((host, endpoint["port"]), timeout=timeout)
         tune(sock)
-        if ssl_context is not None:
+        # TLS (when the pool uses it) over TCP only: the Unix socket is reachable by this
+        # user alone, and the worker on it checked to be this user (see _connect_unix).
+        if ssl_context is not None and sock.family != getattr(socket, "AF_UNIX", None):
             sock.settimeout(timeout)
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
         sock.settimeout(None)  # a call may run for as long as it needs
@@ -279,7 +378,9 @@ class Link:
 
 def _connect_unix(endpoint: dict) -> socket.socket | None:
     """A connection to the worker's Unix socket, when the worker runs on this machine (same
-    host name and the socket is there: not a look-alike container); None otherwise."""
+    host name and the socket is there: not a look-alike container) as this same user
+    (SO_PEERCRED, where the system has it: a socket that someone else put in its place is
+    not used); None otherwise, and the caller goes over TCP (with TLS when the pool uses it)."""
     path = endpoint.get("unix")
     if not path or endpoint.get("hostname") != socket.gethostname() or not os.path.exists(path):
         return None
@@ -287,6 +388,12 @@ def _connect_unix(endpoint: dict) -> socket.socket | None:
     try:
         sock.settimeout(5)
         sock.connect(path)
+        option = getattr(socket, "SO_PEERCRED", None)
+        if option is not None and hasattr(os, "getuid"):
+            _pid, uid, _gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("iII")))
+            if uid != os.getuid():
+                sock.close()
+                return None
         return sock
     except OSError:
         sock.close()
@@ -308,6 +415,10 @@ class Links:
             if idle:
                 return idle.pop()
         return Link(endpoint, self._ssl)
+
+    def probe(self, endpoint: dict, timeout: float = 2) -> None:
+        """Open a fresh link and close it; raises when the worker cannot be reached."""
+        Link(endpoint, self._ssl, timeout=timeout).close()
 
     def give_back(self, endpoint: dict, link: Link) -> None:
         with self._lock:

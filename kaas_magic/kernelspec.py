@@ -7,8 +7,12 @@ A signature reads like a Python function header with numpy dtypes and symbolic s
 Parameters are listed in the kernel's own order. Arrays have a shape in brackets; ``out``
 marks an output (allocated by the pool, shape from the inputs' dims), ``inout`` an array
 that is read and written; a parameter without brackets is a scalar. A scalar named like a
-dim (``n: int32``) is filled with that dim's value when the caller leaves it out. Shapes
-may use arithmetic on dims and ``cdiv(a, b)`` (ceil division): ``out float32[cdiv(n, 256)]``.
+dim (``n: int32``) is filled with that dim's value when the caller leaves it out, and when
+the caller gives it, it must equal the extent of every array that carries the dim (a C
+kernel trusts it as the size of its buffers). Shapes may use arithmetic on dims
+(``+ - * / // %``) with ``cdiv(a, b)`` (ceil division), ``min`` and ``max``:
+``out float32[cdiv(n, 256)]``. Every size must be worked out from the input arrays' dims
+and the integer scalars; outputs and the launch size come from those dims only.
 
 Library kernels carry the signature and launch geometry in header comments::
 
@@ -20,10 +24,12 @@ Library kernels carry the signature and launch geometry in header comments::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,15 +94,24 @@ class KernelSpec:
     def backend(self) -> str:
         return LANGUAGES[self.language][0]
 
-    @functools.cached_property  # asked on every call; a frozen dataclass still has a __dict__
+    @functools.cached_property  # a frozen dataclass still has a __dict__
     def digest(self) -> str:
-        text = "\0".join([self.language, self.name, self.source, " ".join(self.options)])
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
+        """A SHA-256 (hex) of everything the compiled form of this kernel depends on: the
+        language, name, source, each build option (a tuple: options joined with spaces
+        were ambiguous), the signature's parameters, and the line offset (code compiled from
+        Python reports line numbers by it). The same fields, the same way, as
+        ``backends.base.compiled_key``, so the two are equal. Not the launch geometry
+        (grid, block, post), which the compiled form does not depend on."""
+        params = None if self.params is None else tuple(
+            (p.name, p.role, p.dtype, None if p.shape is None else tuple(p.shape)) for p in self.params
+        )
+        described = (self.language, self.name, self.source, tuple(self.options), params, self.line_offset)
+        return hashlib.sha256(repr(described).encode("utf-8", "surrogatepass")).hexdigest()
 
     @functools.cached_property
     def bind_plan(self) -> "_BindPlan":
         """The signature as bind walks it, worked out once (bind runs on every call)."""
-        return _bind_plan(self.params or ())
+        return _bind_plan(self.params or (), self.language, self.grid)
 
     @property
     def inputs(self) -> list[Param]:
@@ -217,17 +232,74 @@ def spec_from_source(source: str, language: str, *, name: str | None = None,
             f"{language} kernel {name!r} needs a signature: which arguments are outputs and "
             f"their shapes. For example: {suggest_signature(source, name)}"
         )
+    if language in ("opencl", "cuda"):
+        check_defines(source, language, name)
     targets = targets or tuple(t.strip() for t in header.get("targets", "").split(",") if t.strip())
     grid = tuple(g.strip() for g in _split_top(header.get("grid", ""))) if header.get("grid") else ()
     if not grid and params:
         first_out = next((p for p in params if p.role in ("out", "inout")), None)
         grid = first_out.shape if first_out else ()
+    if params:
+        check_sizes(name, params, grid)
     return KernelSpec(
         name=name, language=language, source=source, params=params,
         targets=targets or LANGUAGES[language][1], grid=grid,
         block=_ints(header.get("block", "")), options=tuple(header.get("options", "").split()),
         post=header.get("post") or None, origin=origin, line_offset=line_offset,
         doc=header.get("doc", ""),
+    )
+
+
+def check_sizes(name: str, params: tuple[Param, ...], grid: tuple[str, ...]) -> None:
+    """Every size in a signature (and the launch size) is worked out from what a call
+    gives: the plain dims of its input arrays and its integer scalars. A size that nothing
+    gives could never be checked against the buffers, so the signature is refused."""
+    given = {d for p in params if p.shape is not None and p.role != "out" for d in p.shape if d.isidentifier()}
+    scalars = {p.name: p for p in params if p.shape is None}
+    given.update(n for n, p in scalars.items() if np.issubdtype(np.dtype(p.dtype), np.integer))
+    sizes = [(f"the shape of {p.name!r}", d) for p in params if p.shape is not None for d in p.shape]
+    sizes += [("the launch size (kaas: grid)", g) for g in grid]
+    for where, expr in sizes:
+        try:
+            used = dim_names(expr)
+        except KernelError as e:
+            raise KernelError(f"kernel {name!r}, {where}: {e}") from None
+        for dim in used:
+            if dim in scalars and not np.issubdtype(np.dtype(scalars[dim].dtype), np.integer):
+                raise KernelError(f"kernel {name!r}: {dim!r} is a size ({expr!r} in {where}), so its scalar must "
+                                  f"have an integer dtype, not {scalars[dim].dtype}")
+            if dim in given:
+                continue
+            raise KernelError(
+                f"kernel {name!r}: the size {expr!r} in {where} uses {dim!r}, which neither an input array's "
+                f"shape nor an integer scalar gives; add a scalar '{dim}: int32' or use {dim!r} in an input's shape"
+            )
+
+
+_C_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_C_KERNEL = re.compile(r"(?:\b__kernel|\bkernel|\b__global__)\b[^;{}]*?\b(?P<name>[A-Za-z_]\w*)\s*\(")
+_C_ATTRIBUTE = re.compile(r"\b(?:__attribute__\s*\(\(.*?\)\)|__launch_bounds__\s*\([^)]*\))", re.S)
+
+
+def kernels_in_source(source: str) -> list[str]:
+    """The kernels C source appears to define (``__kernel``/``__global__`` functions), for
+    messages; macros may define others."""
+    code = _C_ATTRIBUTE.sub(" ", _C_COMMENT.sub(" ", source))
+    return list(dict.fromkeys(m["name"] for m in _C_KERNEL.finditer(code)))
+
+
+def check_defines(source: str, language: str, name: str) -> None:
+    """Refuse a C kernel whose source cannot define ``name``: the name is nowhere in its
+    code (comments aside). Source that includes files or pastes tokens (``##``) may define
+    it through them, and is left to the device compiler."""
+    code = _C_COMMENT.sub(" ", source)
+    if re.search(rf"\b{re.escape(name)}\b", code) or "#include" in code or "##" in code:
+        return
+    found = kernels_in_source(source)
+    raise KernelError(
+        f"{language} kernel {name!r} is not in its source: the signature names {name!r}, but the source "
+        + (f"defines {', '.join(repr(k) for k in found)}" if found else "defines no kernel")
+        + ". Name the kernel in the signature as it is in the source."
     )
 
 
@@ -256,14 +328,53 @@ def suggest_signature(source: str, name: str) -> str:
 
 
 # --- binding a call's arguments ---------------------------------------------------------
+#
+# A C kernel trusts what it is given: the sizes it indexes with and the buffers it indexes.
+# bind makes the two agree before anything is launched, on the client (before anything is
+# sent) and again on the worker (launch_c_kernel binds what arrived): every dim has one
+# value, equal to the extent of every array that carries it; a dim the caller passes as a
+# scalar must equal it too; the pool's outputs and the launch size are worked out from
+# those dims only. So a kernel that guards its indices with its size arguments (as the
+# shipped ones do) never reads or writes outside its buffers.
 
+#: The largest dim, and the most elements in one array, of a C kernel that takes its sizes
+#: as 32-bit integers (or takes none): its index arithmetic is 32-bit, and past this it
+#: wraps round to addresses outside the buffers.
+MAX_DIM_32 = 2**31 - 1
+_MAX_DIM_64 = 2**63 - 1
 
+_DIM_FUNCTION_NAMES = ("cdiv", "min", "max")
 _DIM_FUNCTIONS = {"__builtins__": {}, "cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+_DIM_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Load, ast.Constant,
+              ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd)
+
+
+@functools.lru_cache(maxsize=1024)
+def dim_names(expr: str) -> tuple[str, ...]:
+    """The dims a size uses, in order; a KernelError if it is not a size: a whole number, a
+    dim, or arithmetic (``+ - * / // %``) on them with ``cdiv``, ``min`` and ``max``."""
+    expected = "expected a whole number, a dim (n) or arithmetic on dims such as 'n * m' or 'cdiv(n, 256)'"
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError:
+        raise KernelError(f"malformed size {expr!r}: {expected}") from None
+    functions, names = set(), []
+    for node in ast.walk(tree):
+        if not isinstance(node, _DIM_NODES) or (isinstance(node, ast.Constant) and type(node.value) is not int):
+            raise KernelError(f"unsupported size {expr!r}: {expected}")
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _DIM_FUNCTION_NAMES) or node.keywords:
+                raise KernelError(f"unsupported size {expr!r}: the only functions are {', '.join(_DIM_FUNCTION_NAMES)}")
+            functions.add(id(node.func))
+        elif isinstance(node, ast.Name) and id(node) not in functions and node.id not in names:
+            names.append(node.id)
+    return tuple(names)
 
 
 @functools.lru_cache(maxsize=1024)
 def _dim_code(expr: str):
-    return compile(expr, "<dim>", "eval")
+    dim_names(expr)  # only sizes are evaluated
+    return compile(expr.strip(), "<dim>", "eval")
 
 
 def _eval_dim(expr: str, dims: dict[str, int], kernel: str) -> int:
@@ -273,10 +384,19 @@ def _eval_dim(expr: str, dims: dict[str, int], kernel: str) -> int:
     if expr.isdigit():
         return int(expr)
     try:
-        value = eval(_dim_code(expr), _DIM_FUNCTIONS, dict(dims))
+        return int(eval(_dim_code(expr), _DIM_FUNCTIONS, dict(dims)))
     except NameError as e:
         raise KernelArgumentError(f"kernel {kernel!r}: the size {expr!r} uses an unknown dim ({e})") from None
-    return int(value)
+    except (ArithmeticError, TypeError, ValueError) as e:
+        raise KernelArgumentError(
+            f"kernel {kernel!r}: the size {expr!r} cannot be worked out with {_dims_text(expr, dims)} ({e})"
+        ) from None
+
+
+def _dims_text(exprs, dims: dict[str, int]) -> str:
+    """``n=3, m=4``: the values of the dims that sizes use."""
+    names = dict.fromkeys(n for e in ((exprs,) if isinstance(exprs, str) else exprs) for n in dim_names(e))
+    return ", ".join(f"{d}={dims[d]}" for d in names if d in dims) or "no dims"
 
 
 @dataclass
@@ -288,7 +408,14 @@ class Bound:
     dims: dict[str, int] = field(default_factory=dict)
 
     def grid(self, spec: KernelSpec) -> tuple[int, ...]:
-        return tuple(_eval_dim(g, self.dims, spec.name) for g in spec.grid)
+        """The launch size, per dimension, from the checked dims (never from an argument)."""
+        grid = tuple(_eval_dim(g, self.dims, spec.name) for g in spec.grid)
+        if grid and min(grid) < 1:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: launch size ({', '.join(spec.grid)}) = {grid} with "
+                f"{', '.join(f'{d}={v}' for d, v in self.dims.items())}: every extent must be at least 1"
+            )
+        return grid
 
 
 @dataclass(frozen=True)
@@ -299,6 +426,8 @@ class _ParamPlan:
     dtype: np.dtype
     dims: tuple[tuple[str, bool], ...]  # (size expression, is it a plain dim name)
     integer: bool
+    dim: bool = False  # an integer scalar named like a dim: the dim's value, checked against the arrays
+    plain: bool = True  # an array whose sizes are all plain dim names
 
 
 @dataclass(frozen=True)
@@ -306,34 +435,52 @@ class _BindPlan:
     by_name: dict[str, _ParamPlan]
     accepted: tuple[_ParamPlan, ...]  # what a caller passes, in order
     arrays: tuple[_ParamPlan, ...]  # inputs and inout arrays
-    scalars: tuple[_ParamPlan, ...]
+    scalars: tuple[_ParamPlan, ...]  # scalars that are not dims
     outputs: tuple[_ParamPlan, ...]  # allocated by the pool
+    dim_scalars: tuple[_ParamPlan, ...] = ()
+    exprs: tuple[_ParamPlan, ...] = ()  # arrays with a size that is an expression, checked once all dims are known
+    min_dim: int = 0  # 1 for a C kernel: no launch on nothing
+    limit: int = _MAX_DIM_64  # the largest dim, and the most elements in one array
 
 
-def _bind_plan(params: tuple[Param, ...]) -> _BindPlan:
-    plans = [
-        _ParamPlan(p, np.dtype(p.dtype), tuple((d, d.isidentifier()) for d in p.shape or ()),
-                   np.issubdtype(np.dtype(p.dtype), np.integer))
-        for p in params
-    ]
+def _bind_plan(params: tuple[Param, ...], language: str = "", grid: tuple[str, ...] = ()) -> _BindPlan:
+    named = {n for p in params for d in p.shape or () for n in dim_names(d)}
+    named.update(n for g in grid for n in dim_names(g))
+    plans = []
+    for p in params:
+        dtype = np.dtype(p.dtype)
+        integer = np.issubdtype(dtype, np.integer)
+        dims = tuple((d, d.isidentifier()) for d in p.shape or ())
+        plans.append(_ParamPlan(p, dtype, dims, integer, dim=p.shape is None and integer and p.name in named,
+                                plain=all(plain for _, plain in dims)))
+    c_kernel = language in ("opencl", "cuda")
+    dim_scalars = tuple(pp for pp in plans if pp.dim)
+    narrow = not dim_scalars or any(pp.dtype.itemsize <= 4 for pp in dim_scalars)
     return _BindPlan(
         by_name={pp.param.name: pp for pp in plans},
         accepted=tuple(pp for pp in plans if pp.param.role != "out"),
         arrays=tuple(pp for pp in plans if pp.param.shape is not None and pp.param.role != "out"),
-        scalars=tuple(pp for pp in plans if pp.param.role == "scalar"),
+        scalars=tuple(pp for pp in plans if pp.param.role == "scalar" and not pp.dim),
         outputs=tuple(pp for pp in plans if pp.param.role == "out"),
+        dim_scalars=dim_scalars,
+        exprs=tuple(pp for pp in plans if pp.param.shape is not None and pp.param.role != "out" and not pp.plain),
+        min_dim=1 if c_kernel else 0,
+        limit=MAX_DIM_32 if c_kernel and narrow else _MAX_DIM_64,
     )
 
 
 _SCALAR_TYPES = (int, float, complex, bool, np.generic)
+_MISSING = object()
 
 
 def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
     """Match ``args``/``kwargs`` to the signature, checking count, dtype and shape.
 
     Outputs are not passed; inputs, inout arrays and scalars are, positionally in signature
-    order or by name. Errors name the argument and what was expected. Values only need
-    ``shape`` and ``dtype`` (NumPy and device arrays, handles).
+    order or by name. Every dim takes one value, from the arrays that carry it or from the
+    scalar of its name, and they must all agree; outputs and the launch size come from the
+    dims. Errors name the argument(s) and what was expected. Values only need ``shape`` and
+    ``dtype`` (NumPy and device arrays, handles).
     """
     plan = spec.bind_plan
     accepted, by_name = plan.accepted, plan.by_name
@@ -355,11 +502,12 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
         given[key] = value
 
     dims: dict[str, int] = {}
+    limit = plan.limit
     for pp in plan.arrays:
         p = pp.param
-        if p.name not in given:
+        value = given.get(p.name, _MISSING)
+        if value is _MISSING:
             raise KernelArgumentError(f"kernel {spec.name!r}: missing array argument {p.name!r} ({p})")
-        value = given[p.name]
         if not hasattr(value, "shape"):
             raise KernelArgumentError(f"kernel {spec.name!r}: argument {p.name!r} must be an array ({p}), "
                                       f"got {type(value).__name__}")
@@ -370,6 +518,13 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
                 raise KernelArgumentError(
                     f"kernel {spec.name!r}: argument {p.name!r} has dtype {dtype}, expected {p.dtype} ({p})"
                 )
+        if not isinstance(value, np.ndarray):  # a device array is used in place: it must be dense
+            flags = getattr(value, "flags", None)
+            if flags is not None and not getattr(flags, "c_contiguous", True):
+                raise KernelArgumentError(
+                    f"kernel {spec.name!r}: argument {p.name!r} is not a contiguous array (a strided view "
+                    f"of shape {tuple(value.shape)}); pass a contiguous copy"
+                )
         shape = tuple(value.shape)
         if len(shape) != len(pp.dims):
             raise KernelArgumentError(
@@ -377,24 +532,70 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
                 f"{len(p.shape)} dimension(s) [{', '.join(p.shape)}]"
             )
         for size, (dim, plain) in zip(shape, pp.dims):
-            if plain:
-                if dims.setdefault(dim, size) != size:
-                    raise KernelArgumentError(
-                        f"kernel {spec.name!r}: argument {p.name!r} has {dim}={size} but an earlier "
-                        f"argument set {dim}={dims[dim]} (shape {shape}, expected [{', '.join(p.shape)}])"
-                    )
-            elif _eval_dim(dim, dims, spec.name) != size:
+            if plain and dims.setdefault(dim, size) != size:
                 raise KernelArgumentError(
-                    f"kernel {spec.name!r}: argument {p.name!r} has shape {shape}, expected [{', '.join(p.shape)}]"
+                    f"kernel {spec.name!r}: argument {p.name!r} has {dim}={size} but an earlier "
+                    f"argument set {dim}={dims[dim]} ({_dim_source(plan, dim, given)}; {p.name!r} has shape "
+                    f"{shape}, expected [{', '.join(p.shape)}])"
                 )
+        if len(shape) > 1 and math.prod(shape) > limit:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: argument {p.name!r} of shape {shape} has more than {limit:,} elements, "
+                f"the most a kernel taking 32-bit sizes can index"
+            )
+    for pp in plan.dim_scalars:
+        p = pp.param
+        value = given.get(p.name, _MISSING)
+        if value is _MISSING:
+            if p.name not in dims:
+                raise KernelArgumentError(f"kernel {spec.name!r}: missing scalar argument {p.name!r} ({p})")
+            continue  # filled in from the arrays below
+        if not isinstance(value, _SCALAR_TYPES) and np.ndim(value) != 0:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: argument {p.name!r} must be a scalar ({p}), got an array of shape "
+                f"{tuple(np.shape(value))}"
+            )
+        if isinstance(value, (bool, np.bool_)):
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: argument {p.name!r} must be a {p.dtype} scalar ({p}), got {value!r}: "
+                f"{p.name} is a size, and a bool is not one"
+            )
+        try:
+            size = operator.index(value)
+        except TypeError:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: argument {p.name!r} must be a {p.dtype} scalar ({p}), got {value!r}: "
+                f"{p.name} is a size, a whole number"
+            ) from None
+        known = dims.setdefault(p.name, size)
+        if known != size:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: {p.name}={size} does not match {_dim_source(plan, p.name, given)}: "
+                f"argument {p.name!r} is a size of the arrays it goes with (leave it out to have it "
+                f"filled in); signature: {spec.signature()}"
+            )
+    lowest = plan.min_dim
+    for dim, size in dims.items():
+        if not lowest <= size <= limit:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: {_dim_source(plan, dim, given) or f'argument {dim}={size}'} "
+                + (f"is above {limit:,}, the most a kernel taking 32-bit sizes can index" if size > limit
+                   else "is negative" if size < 0 else "is 0: a C kernel cannot be launched on nothing")
+            )
+    for pp in plan.dim_scalars:
+        p = pp.param
+        try:
+            given[p.name] = pp.dtype.type(dims[p.name])
+        except (OverflowError, ValueError):
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: {_dim_source(plan, p.name, given) or f'{p.name}={dims[p.name]}'} "
+                f"does not fit the {p.dtype} argument {p.name!r} ({p})"
+            ) from None
     for pp in plan.scalars:
         p = pp.param
-        if p.name not in given:
-            if p.name in dims:
-                given[p.name] = dims[p.name]
-            else:
-                raise KernelArgumentError(f"kernel {spec.name!r}: missing scalar argument {p.name!r} ({p})")
-        value = given[p.name]
+        value = given.get(p.name, _MISSING)
+        if value is _MISSING:
+            raise KernelArgumentError(f"kernel {spec.name!r}: missing scalar argument {p.name!r} ({p})")
         if not isinstance(value, _SCALAR_TYPES) and np.ndim(value) != 0:
             raise KernelArgumentError(
                 f"kernel {spec.name!r}: argument {p.name!r} must be a scalar ({p}), got an array of shape "
@@ -406,11 +607,80 @@ def bind(spec: KernelSpec, args: tuple, kwargs: dict) -> Bound:
             raise KernelArgumentError(
                 f"kernel {spec.name!r}: argument {p.name!r} must be a {p.dtype} scalar ({p}), got {value!r} ({e})"
             ) from None
-        if pp.integer and p.name not in dims:
-            dims[p.name] = int(given[p.name])
-    out_shapes = {pp.param.name: tuple(dims[d] if d in dims else _eval_dim(d, dims, spec.name) for d, _ in pp.dims)
-                  for pp in plan.outputs}
+    for pp in plan.exprs:  # sizes such as n * m, now that every dim is known
+        p = pp.param
+        shape = tuple(given[p.name].shape)
+        for size, (expr, plain) in zip(shape, pp.dims):
+            if not plain and _eval_dim(expr, dims, spec.name) != size:
+                raise KernelArgumentError(
+                    f"kernel {spec.name!r}: argument {p.name!r} has shape {shape}, expected [{', '.join(p.shape)}] "
+                    f"with {_dims_text(p.shape, dims)}: {expr} = {_eval_dim(expr, dims, spec.name)}"
+                )
+    out_shapes = {}
+    for pp in plan.outputs:
+        if pp.plain and all(d in dims for d, _ in pp.dims):  # sizes checked above
+            shape = tuple([dims[d] for d, _ in pp.dims])
+        else:
+            shape = tuple(_eval_dim(d, dims, spec.name) for d, _ in pp.dims)
+            if shape and min(shape) < lowest:
+                raise KernelArgumentError(
+                    f"kernel {spec.name!r}: output {pp.param.name!r} would have shape {shape} "
+                    f"([{', '.join(pp.param.shape)}] with {_dims_text(pp.param.shape, dims)})"
+                )
+        if (len(shape) > 1 or not pp.plain) and math.prod(shape) > limit:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: output {pp.param.name!r} would have shape {shape}, more than "
+                f"{limit:,} elements, the most a kernel taking 32-bit sizes can index"
+            )
+        out_shapes[pp.param.name] = shape
     return Bound(given, out_shapes, dims)
+
+
+def _dim_source(plan: _BindPlan, dim: str, given: dict) -> str:
+    """Where a dim's value came from, for error messages: the first array carrying it
+    ("a.shape[0]=1000"), else the scalar of its name; "" when nothing gave it."""
+    for pp in plan.arrays:
+        value = given.get(pp.param.name)
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            continue
+        for axis, (d, plain) in enumerate(pp.dims):
+            if plain and d == dim and axis < len(shape):
+                return f"{pp.param.name}.shape[{axis}]={shape[axis]}"
+    if dim in given:
+        return f"argument {dim}={given[dim]!r}"
+    return ""
+
+
+def check_launch(spec: KernelSpec, bound: Bound) -> None:
+    """The last look before a launch, on the worker: every array the kernel gets has the
+    shape and dtype its signature gives with the bound dims, every output is allocated at
+    that shape, and every size argument is its dim. (bind made it so; this keeps a launch
+    from trusting anything else.)"""
+    plan, dims, values = spec.bind_plan, bound.dims, bound.values
+    for pp in plan.arrays:
+        value = values[pp.param.name]
+        want = _shape_of(pp, dims, spec.name)
+        if tuple(value.shape) != want or value.dtype != pp.dtype:
+            raise KernelArgumentError(
+                f"kernel {spec.name!r}: refusing to launch: argument {pp.param.name!r} is "
+                f"{value.dtype}{list(value.shape)}, expected {pp.dtype}{list(want)} ({pp.param})"
+            )
+    for pp in plan.outputs:
+        want = _shape_of(pp, dims, spec.name)
+        if bound.out_shapes[pp.param.name] != want:
+            raise KernelArgumentError(f"kernel {spec.name!r}: refusing to launch: output {pp.param.name!r} "
+                                      f"would be {bound.out_shapes[pp.param.name]}, expected {want}")
+    for pp in plan.dim_scalars:
+        if values[pp.param.name] != dims[pp.param.name]:
+            raise KernelArgumentError(f"kernel {spec.name!r}: refusing to launch: {pp.param.name}="
+                                      f"{values[pp.param.name]!r}, but the arrays give {dims[pp.param.name]}")
+
+
+def _shape_of(pp: _ParamPlan, dims: dict[str, int], kernel: str) -> tuple[int, ...]:
+    if pp.plain and all(d in dims for d, _ in pp.dims):
+        return tuple([dims[d] for d, _ in pp.dims])
+    return tuple([dims[d] if plain else _eval_dim(d, dims, kernel) for d, plain in pp.dims])
 
 
 def sample_arguments(spec: KernelSpec, size: int = 64) -> tuple:
@@ -442,7 +712,10 @@ def launch_c_kernel(spec: KernelSpec, args: tuple, kwargs: dict, *, allocate, up
     read-only inputs need no array object around them (they never leave the launch) gives
     ``input_pointer(value)``: the kernel argument for an input, uploading it if need be.
     """
+    # What arrived is bound again here, on the worker: a request that did not come through
+    # the client's bind (or a handle whose buffer is not what its metadata said) is refused.
     bound = bind(spec, args, kwargs)
+    check_launch(spec, bound)
     device_args, outputs = [], {}
     for pp in spec.bind_plan.by_name.values():  # every parameter, in the kernel's order
         p = pp.param

@@ -133,7 +133,7 @@ class KaasMagics(Magics):
             shell.user_ns,
             inputs=_names(args.inputs),
             outputs=_names(args.outputs),
-            exclude=shell.user_ns_hidden,
+            exclude=_ipython_machinery(shell, cell, filename),
             backend=args.backend,
             fallback=args.fallback,
             worker=args.worker,
@@ -204,3 +204,23 @@ class KaasMagics(Magics):
             print("kaas pool closed")
             return None
         raise UsageError(_COMMANDS.format_usage())
+
+
+def _ipython_machinery(shell, cell: str, filename: str) -> set[str]:
+    """Names a cell must not send: IPython's own objects (``In``, ``Out``, ``get_ipython``,
+    ``exit`` ...) while they still hold what IPython put there, and hidden names the cell
+    assigns itself (``for _ in ...``: a throwaway, not the last output). A hidden name the
+    user or the output history has given a value since (``_``, ``__``, ``_i``) is sent like
+    any other variable the cell reads."""
+    from .cellcode import analyse
+
+    user_ns, hidden = shell.user_ns, shell.user_ns_hidden
+    written = analyse(cell, filename, 1).writes
+    machinery = {name for name, value in hidden.items() if user_ns.get(name, _MISSING) is value}
+    return machinery | (set(written) & (set(hidden) | _OUTPUT_HISTORY))
+
+
+_OUTPUT_HISTORY = frozenset({"_", "__", "___"})  # IPython's last outputs (hidden or not)
+
+
+_MISSING = object()

@@ -36,20 +36,22 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import uuid
 from typing import Any
 
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import backends, compile_cache, serial
+from . import backends, compile_cache, fastlink, serial
 from .backends.base import Offer, Session, map_containers
+from .call_stream import CallStream
 from .cellcode import padded
 from .device_slot import DeviceSlot, LeftQueue
-from .errors import CallTimeout, DeviceOutOfMemory, KaasError
+from .errors import CallTimeout, DeviceOutOfMemory, KaasError, KaasUsageError, exception_state
 from .handles import BufferStore, HandleRef, is_array
 from .kernelspec import KernelError
-from .stopping import RunningCall, StopCall, Watchdog
+from .stopping import GRACE_S, HANGUP_POLL_S, HangupWatcher, RunningCall, StopCall, Watchdog, check_seconds
 from .targets import KIND_ORDER, READY_RESOURCE
 
 logger = logging.getLogger("kaas_magic.worker")
@@ -58,42 +60,11 @@ EXTENSION = "kaas"
 
 
 # --- print output of cells, routed to the call that produced it ---------------------------
+# and each call's own view of process-wide state (sys.stdout, working directory, warnings
+# filters, environment, ...): see isolation. report_state stays importable from here.
 
-_current = threading.local()
-
-
-class _RoutedStream(io.TextIOBase):
-    """Replaces sys.stdout/sys.stderr on the worker: text written by a thread that is
-    running a cell goes to that cell's stream; anything else to the original stream."""
-
-    def __init__(self, original, name: str):
-        self.original = original
-        self.name = name
-
-    def write(self, text: str) -> int:
-        sink = getattr(_current, "sink", None)
-        if sink is None:
-            return self.original.write(text)
-        sink(self.name, text)
-        return len(text)
-
-    def flush(self) -> None:
-        if getattr(_current, "sink", None) is None:
-            self.original.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    @property
-    def encoding(self):  # type: ignore[override]
-        return getattr(self.original, "encoding", "utf-8")
-
-
-def _route_std_streams() -> None:
-    if not isinstance(sys.stdout, _RoutedStream):
-        sys.stdout = _RoutedStream(sys.stdout, "stdout")
-    if not isinstance(sys.stderr, _RoutedStream):
-        sys.stderr = _RoutedStream(sys.stderr, "stderr")
+from . import isolation  # noqa: E402
+from .isolation import report_state  # noqa: E402,F401  (backends use worker.report_state)
 
 
 def _keep_buffers_in_the_heap() -> None:
@@ -111,58 +82,8 @@ def _keep_buffers_in_the_heap() -> None:
     libc.mallopt(m_trim_threshold, 128 * 2**20)
 
 
-def report_state(state: str) -> None:
-    """Tell the calling notebook what its call is doing now ("running", "compiling"), when
-    it asked to be told (a live view is showing the call)."""
-    if getattr(_current, "progress", False):
-        _current.sink("state", state)
-
-
-class _CallStream:
-    """Print output and state changes of one call, sent to its caller as they happen, from
-    the call's own thread. Text written within FLUSH_S of the last message is gathered and
-    sent by a timer on the event loop, so a cell printing in a tight loop sends few
-    messages and a quiet one costs nothing."""
-
-    FLUSH_S = 0.02
-
-    def __init__(self, replier, loop: asyncio.AbstractEventLoop):
-        self.replier = replier
-        self.loop = loop
-        self._chunks: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-        self._last_sent = 0.0
-        self._timer_armed = False
-        self.closed = False  # answered: later writes are dropped
-
-    def write(self, name: str, text: str) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            self._chunks.append((name, text))
-            if name != "state" and time.monotonic() - self._last_sent < self.FLUSH_S:
-                if not self._timer_armed:
-                    self._timer_armed = True
-                    self.loop.call_soon_threadsafe(self.loop.call_later, self.FLUSH_S, self.flush)
-                return
-        self.flush()
-
-    def flush(self) -> None:
-        with self._lock:  # held while sending, so that messages keep their order
-            self._timer_armed = False
-            chunks, self._chunks = self._chunks, []
-            if not chunks or self.closed:
-                return
-            self._last_sent = time.monotonic()
-            try:
-                self.replier.write({"kind": "stream", "chunks": chunks})
-            except OSError:  # the caller went away: the call goes on, its output is dropped
-                self.closed = True
-
-    def finish(self) -> None:
-        self.flush()
-        with self._lock:
-            self.closed = True
+# A running call's output, sent to its caller as it happens (see call_stream).
+_CallStream = CallStream
 
 
 # --- the runtime ----------------------------------------------------------------------
@@ -178,10 +99,21 @@ class WorkerRuntime:
         self.slots: dict[str, DeviceSlot] = {}  # each device admits `concurrency` calls at once
         # Calls queued or running: (the call, its device's slot, its stream once it runs).
         self.running: dict[str, tuple[RunningCall, DeviceSlot, _CallStream | None]] = {}
-        self.watchdog = Watchdog(lambda call_id: self._stop(call_id, "timeout"))
+        # Every call runs under a timeout (kaas.limits.max-timeout at most, and by default),
+        # enforced in place by the watchdog, and from outside by the supervisor process when
+        # the code holds the interpreter (see stopping and supervisor).
+        self.max_timeout = _configured_max_timeout(config)
+        self.supervisor = self._start_supervisor()
+        self.watchdog = Watchdog(lambda call_id: self._stop(call_id, "timeout"),
+                                 board=self.supervisor.board if self.supervisor else None)
+        self.hangups = HangupWatcher(self._caller_gone, on_tick=self.supervisor.check if self.supervisor else None)
         self._stats_lock = threading.Lock()
         self._keep_budgets: dict[str, int] = {}
         self.buffers = BufferStore(self._keep_budget)
+        transfer = config.get("transfer") or {}
+        self.max_value_bytes = int(transfer.get("max-bytes") or 2**31)
+        self.max_message_bytes = int(transfer.get("max-message-bytes") or 2**32)
+        fastlink.set_limits(self.max_value_bytes + 2**20, self.max_message_bytes + 2**24)
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
         _keep_buffers_in_the_heap()
@@ -205,7 +137,7 @@ class WorkerRuntime:
         self._user_specs: collections.OrderedDict = collections.OrderedDict()  # see user_spec
         # A crash inside a native kernel should leave a trace in the worker's log.
         faulthandler.enable(file=sys.__stderr__)
-        _route_std_streams()
+        isolation.install()  # routes print output by call; each call's own view of process state
         self.endpoint, self._server = self._start_fast_link()
         threading.Thread(target=self._warm_up_all, name="kaas-warm-up", daemon=True).start()
 
@@ -270,6 +202,11 @@ class WorkerRuntime:
 
     def handle_call(self, replier, **msg) -> dict | None:
         received_at = time.time()
+        replier.call_id = msg.get("call_id")  # stamped on every reply (see fastlink.Replier)
+        try:  # checked here too: a request need not come from kaas's client
+            timeout = self._call_timeout(msg)
+        except KaasUsageError as e:
+            return self._addressed(_failed_reply(e), "", received_at)
         if msg.get("free"):  # buffers the client dropped since its last call here
             self.buffers.free(msg.get("client", ""), msg["free"])
         try:
@@ -277,21 +214,28 @@ class WorkerRuntime:
         except LookupError as e:
             return self._addressed(_failed_reply(e), "", received_at)
         slot = self.slot(session)
-        call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, msg.get("timeout"))
-        self.running[call.id] = (call, slot, None)  # a queued call can be cancelled too
-        if call.timeout:
-            self.watchdog.arm(call.id, call.timeout)
+        call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, timeout)
+        entry = (call, slot, None)
+        if self.running.setdefault(call.id, entry) is not entry:  # a queued call can be cancelled too
+            return self._addressed(_failed_reply(KaasUsageError(
+                f"a call with id {call.id!r} is already running on worker {self.worker.address}")), "", received_at)
         with self._stats_lock:
             self.in_flight += 1
         try:
+            self.watchdog.arm(call.id, timeout)
+            # A caller that goes away (its notebook killed) frees what its call holds.
+            self.hangups.watch(call.id, getattr(replier, "sock", None))
+            queued_at = time.perf_counter()
             try:
                 with slot.turn(give_up=lambda: call.reason is not None) as waited:
                     stream = _CallStream(replier, self.loop)
                     self.running[call.id] = (call, slot, stream)
+                    # Stuck past its deadline, or with its caller gone: the supervisor ends it.
+                    self.watchdog.running(call.id, self.supervisor.link(replier) if self.supervisor else 0)
                     reply = self._execute(session, msg, stream, call)
                     stream.finish()
             except LeftQueue:
-                waited = time.perf_counter() - received_at
+                waited = time.perf_counter() - queued_at
                 reply = _failed_reply(_stop_error(call, self.worker.address, replaced=False))
             if call.abandoned:  # already answered by _escalate; this process is on its way out
                 return None
@@ -302,11 +246,25 @@ class WorkerRuntime:
                 self.errors += 0 if reply["ok"] else 1
             return self._addressed(reply, session.device, received_at)
         finally:
-            if call.timeout:
-                self.watchdog.disarm(call.id)
+            self.hangups.unwatch(call.id)
+            self.watchdog.disarm(call.id)
             self.running.pop(call.id, None)
             with self._stats_lock:
                 self.in_flight -= 1
+
+    def _call_timeout(self, msg: dict) -> float:
+        """The request's timeout, checked (a bad one could switch the safety off), else the
+        maximum: no call runs unbounded. Its line offset is checked with it."""
+        timeout = msg.get("timeout")
+        if timeout is None:
+            timeout = self.max_timeout
+        elif type(timeout) is not float or not 0 < timeout <= self.max_timeout:
+            timeout = check_seconds(timeout, "timeout", self.max_timeout)
+        line_offset = msg.get("line_offset", 0)
+        if type(line_offset) is not int or not 0 <= line_offset <= _MAX_LINE_OFFSET:
+            raise KaasUsageError(f"line_offset must be a whole number from 0 to {_MAX_LINE_OFFSET}, "
+                                 f"not {line_offset!r}")
+        return timeout
 
     def _addressed(self, reply: dict, device: str, received_at: float) -> dict:
         reply.update(kind="result", worker=self.worker.address, host=self.host, device=device,
@@ -319,45 +277,97 @@ class WorkerRuntime:
 
         from . import fastlink
 
+        # A TLS pool: the link's TCP listener takes only clients with a certificate the
+        # pool's CA signed, as Dask's own listener does (Dask's context requires client
+        # certificates; fastlink.Server refuses one that does not). Its Unix socket has no
+        # TLS: it is private to this user (see _link_path and fastlink.Server).
         ssl_context = None
         if self.worker.address.startswith("tls://"):
             ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
+            if ssl_context is None:
+                raise KaasError(f"worker {self.worker.address} uses TLS but has no TLS context for its direct link")
         host = get_address_host(self.worker.address)
         server = fastlink.Server(host, self.handle_call, ssl_context, unix_path=self._link_path())
         return {"host": host, "port": server.port, "unix": server.unix_path, "hostname": self.host}, server
 
     def _link_path(self) -> str:
-        """Where the Unix socket for local clients goes: the worker's own folder (private,
-        removed with the worker) when its path is short enough for a socket, else a fresh
-        private temporary folder."""
-        path = os.path.join(self.worker.local_directory, "kaas-link.sock")
-        if len(path.encode()) < 100:
+        """Where the Unix socket for local clients goes: the worker's own folder (removed
+        with the worker) when it is private to this user (mode 0700, as Dask makes it with
+        mkdtemp) and its path short enough for a socket; else a fresh private folder of its
+        own (mkdtemp: 0700), removed when this process exits."""
+        folder = self.worker.local_directory
+        path = os.path.join(folder, "kaas-link.sock")
+        try:
+            info = os.stat(folder)
+            private = info.st_uid == os.getuid() and not info.st_mode & 0o077
+        except (OSError, AttributeError):  # AttributeError: no getuid (Windows)
+            private = False
+        if private and len(path.encode()) < 100:
             return path
-        return os.path.join(tempfile.mkdtemp(prefix="kaas-"), "link.sock")
+        import multiprocessing.util
+        import shutil
+
+        folder = tempfile.mkdtemp(prefix="kaas-link-")
+        # Run at exit by Dask's worker processes too (multiprocessing children end with
+        # os._exit, which skips plain atexit handlers).
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
+                                      exitpriority=0)
+        return os.path.join(folder, "link.sock")
 
     async def handle_endpoint(self) -> dict | None:
         return self.endpoint
 
-    # -- stopping calls: timeouts and interrupts --
+    # -- stopping calls: timeouts, interrupts, callers gone --
 
-    GRACE = 1.0  # seconds a stopped cell has to end before its worker is replaced
+    GRACE = GRACE_S  # seconds a stopped cell has to end before its worker is replaced
+
+    def _start_supervisor(self):
+        """This worker's supervisor process (see supervisor): for workers a nanny restarts.
+        A worker without one may run inside the notebook's own process (a LocalCluster of
+        threads), which a supervisor must never kill."""
+        if not getattr(self.worker, "nanny", None):
+            return None
+        from .supervisor import MARGIN_S, Supervisor, owner_from_environment
+
+        try:
+            return Supervisor(allowance=self.GRACE + MARGIN_S,
+                              hangup_allowance=HANGUP_POLL_S + self.GRACE + MARGIN_S,
+                              owner=owner_from_environment())
+        except Exception:  # noqa: BLE001 - the worker serves on, with in-process stops only
+            logger.exception("kaas could not start the supervisor of worker %s", self.worker.address)
+            return None
 
     def _stop(self, call_id: str, reason: str) -> bool:
-        """From the event loop (an interrupt) or the watchdog (a timeout)."""
+        """From the event loop (an interrupt), the watchdog (a timeout) or the hang-up
+        watcher (the caller went away)."""
         entry = self.running.get(call_id)
         if entry is None:
             return False
         call, slot, stream = entry
         call.stop(reason)
         slot.wake()  # a queued call leaves the queue
-        if stream is not None:  # running: make sure it ends
+        if stream is not None and not call.escalating:  # running: make sure it ends
+            call.escalating = True
             self.loop.call_soon_threadsafe(self.loop.call_later, self.GRACE, self._escalate, call, stream)
         return True
+
+    def _caller_gone(self, call_id: str) -> None:
+        """The caller's link hung up (its notebook was killed, or it gave up on the call):
+        stop the call and free its place on the device. A running call that cannot be
+        stopped in place is the supervisor's from now: past its allowance it ends the worker."""
+        entry = self.running.get(call_id)
+        if entry is None:
+            return
+        if entry[2] is not None:
+            self.watchdog.expire_now(call_id)
+        logger.warning("kaas call %s: its caller went away; stopping it", call_id)
+        self._stop(call_id, "caller gone")
 
     def _escalate(self, call: RunningCall, stream: _CallStream) -> None:
         """The cell did not stop: answer its caller, then let the nanny replace this process
         (no other way ends a thread stuck in native code)."""
-        if call.id not in self.running:
+        entry = self.running.get(call.id)
+        if entry is None or entry[0] is not call:  # it ended (another call may have its id now)
             return
         call.abandoned = True
         stream.finish()
@@ -372,7 +382,9 @@ class WorkerRuntime:
         self.loop.call_later(0.5, os._exit, 75)
 
     async def handle_cancel(self, call_id: str = "", reason: str = "interrupt") -> bool:
-        return self._stop(call_id, reason)
+        if reason not in ("interrupt", "timeout", "caller gone"):  # it is shown to the caller
+            reason = "interrupt"
+        return self._stop(str(call_id), reason)
 
     def _compile(self, source: str, filename: str, line_offset: int):
         key = (source, filename, line_offset)
@@ -382,7 +394,9 @@ class WorkerRuntime:
                 self._code_cache.move_to_end(key)
                 return code
         text = padded(source, line_offset)
-        code = compile(text, filename, "exec")
+        # dont_inherit: the cell gets exactly its own __future__ imports, as in the notebook,
+        # never this module's (``annotations`` would turn its annotations into strings).
+        code = compile(text, filename, "exec", dont_inherit=True)
         # Lets tracebacks on this worker quote the cell's lines.
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         with self._code_lock:
@@ -400,9 +414,9 @@ class WorkerRuntime:
         error = None
         kernels = None
         kept: dict[str, Any] = {}
+        sent = 0  # bytes of outputs going home: bounded like the link (kaas.transfer)
         client = msg.get("client", "")
-        _current.sink = output.write
-        _current.progress = bool(msg.get("progress"))
+        scope = isolation.call_scope(output.write, bool(msg.get("progress"))).enter()
         try:
             if call.reason is not None:  # cancelled while it waited for its turn
                 raise StopCall()
@@ -411,13 +425,13 @@ class WorkerRuntime:
                 kernels = KernelNamespace(self, session, msg.get("kernels") or ())
                 if "kernel" in msg:  # kaas.call: one registered kernel, its arguments by name
                     namespace = {}
-                else:  # a cell
+                else:  # a cell, in a module of its own that libraries can look up
                     code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
-                    namespace = session.namespace()
+                    module = _cell_module(call.id)
+                    namespace = module.__dict__
+                    namespace.update(session.namespace())
                     namespace["kernels"] = kernels
                     namespace["to_device"] = session.to_device
-                    namespace["__name__"] = "__kaas__"
-                    namespace["__builtins__"] = builtins
                 for name, packed in msg["inputs"].items():
                     namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session)
                 t1 = time.perf_counter()
@@ -427,7 +441,13 @@ class WorkerRuntime:
                     if "kernel" in msg:
                         namespace["__result"] = kernels._invoke(msg["kernel"], namespace)
                     else:
-                        exec(code, namespace)
+                        # Registered while it runs (dataclasses, typing and pickle look a
+                        # class's module up by name), gone after: nothing outlives the call.
+                        sys.modules[module.__name__] = module
+                        try:
+                            exec(code, namespace)
+                        finally:
+                            sys.modules.pop(module.__name__, None)
                     names = [n for n in msg["outputs"] if n in namespace]
                     if msg.get("keep"):
                         session.synchronize([namespace[n] for n in names])
@@ -447,32 +467,53 @@ class WorkerRuntime:
                         kept[name] = self._keep(namespace[name], client, session)
                         continue
                     try:
-                        outputs[name] = serial.dumps(self.to_host(namespace[name], session))
+                        packed = serial.dumps(self.to_host(namespace[name], session))
                     except Exception as e:
                         value = namespace[name]
                         skipped[name] = (
                             f"{type(value).__module__}.{type(value).__qualname__} cannot leave "
                             f"the worker ({type(e).__name__})"
                         )
+                        continue
+                    size = serial.nbytes(packed)
+                    if size > self.max_value_bytes or sent + size > self.max_message_bytes:
+                        skipped[name] = self._too_large(name, namespace[name], size, sent, client, session, kept)
+                        continue
+                    outputs[name] = packed
+                    sent += size
                 timings["to_host"] = time.perf_counter() - t2
         except BaseException as e:
             if call.reason is not None:  # stopped on purpose: say why, not where it was hit
                 e = _stop_error(call, self.worker.address, replaced=False)
             elif _is_out_of_memory(e):
                 e = _out_of_memory_error(e, session)
-            error = _error_payload(e, msg["filename"])
+            error = _error_payload(e, msg["filename"], msg.get("code"), msg.get("line_offset", 0))
             timings.setdefault("setup", time.perf_counter() - t0)
             timings.setdefault("execute", 0.0)
             timings.setdefault("to_host", 0.0)
         finally:
-            _current.sink = None
-            _current.progress = False
-            sys.stdout.flush()
+            scope.exit()  # what the cell changed of the process is put back (see isolation)
         if error is not None:  # a failed call keeps nothing
             self.buffers.free(client, [m["id"] for v in kept.values() for m in (v if isinstance(v, list) else [v])])
             kept = {}
         return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "kept": kept,
                 "timings": timings, "kernels": kernels.states if kernels else {}}
+
+    def _too_large(self, name: str, value: Any, size: int, sent: int, client: str, session: Session,
+                   kept: dict) -> str:
+        """An output over kaas.transfer.max-bytes (or one that would take the reply past
+        max-message-bytes) does not go home, where it could take the notebook's kernel down
+        for memory: an array stays here as a handle, anything else is dropped; either way the
+        notebook is told its name and size."""
+        if size > self.max_value_bytes:
+            why = f"{name!r} is {size:,} bytes, over the transfer limit of {self.max_value_bytes:,} (kaas.transfer.max-bytes)"
+        else:
+            why = (f"{name!r} ({size:,} bytes) would take this reply past {self.max_message_bytes:,} bytes "
+                   f"(kaas.transfer.max-message-bytes; {sent:,} bytes of other outputs go home)")
+        if _keepable(value):
+            kept[name] = self._keep(value, client, session)
+            return f"{why}: it stays on worker {self.worker.address} as a DeviceHandle; bring home pieces of it"
+        return f"{why}: it was not sent"
 
     def _unpack(self, name: str, packed: serial.Packed) -> Any:
         try:
@@ -551,7 +592,7 @@ class WorkerRuntime:
 
     def user_spec(self, described: dict):
         """A kernel a client registered, as sent with its calls: parsed once, not per call
-        (the same text gives the same spec, and its compiled form is found by digest)."""
+        (the same text gives the same spec; its compiled form is keyed by base.compiled_key)."""
         from .kernelspec import KernelSpec
 
         key = repr(described)
@@ -681,10 +722,23 @@ class WorkerRuntime:
         return rows
 
 
+def _cell_module(call_id: str) -> types.ModuleType:
+    """A fresh module for one cell: its name is unique to the call, so concurrent cells never
+    share one, and classes defined in the cell name a module that exists while it runs."""
+    module = types.ModuleType(f"__kaas_cell_{call_id.replace('-', '_')}__")
+    module.__dict__["__builtins__"] = builtins
+    return module
+
+
 @functools.lru_cache(maxsize=256)
-def _type_name(kind) -> str:
-    """A dtype's name ("float32"), or a class's dotted path; asked for every kept array."""
+def _type_name_cached(kind, aligned) -> str:
     return str(kind) if not isinstance(kind, type) else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _type_name(kind) -> str:
+    """A dtype's name ("float32"), or a class's dotted path; asked for every kept array.
+    Keyed on alignment too: an aligned and a packed struct dtype are equal, named apart."""
+    return _type_name_cached(kind, getattr(kind, "isalignedstruct", None))
 
 
 _HOST_TYPES = frozenset({np.ndarray, int, float, complex, bool, str, bytes, type(None)})
@@ -702,7 +756,24 @@ def _stop_error(call: RunningCall, worker: str, replaced: bool) -> BaseException
            f"by a fresh one" if replaced else f"it was stopped in place on worker {worker}; the worker goes on")
     if call.reason == "timeout":
         return CallTimeout(f"the cell ran past its timeout of {call.timeout:g} s: {how}")
+    if call.reason == "caller gone":
+        return KaasError(f"its caller went away: {how}")
     return KeyboardInterrupt(f"interrupted from the notebook: {how}")
+
+
+_MAX_LINE_OFFSET = 10**6  # a cell's first line in its notebook cell; far past any real cell
+
+
+def _configured_max_timeout(config: dict) -> float:
+    """kaas.limits.max-timeout as this worker was configured; the default if it is not a
+    positive, finite number of seconds (said in the log)."""
+    from .stopping import DEFAULT_MAX_TIMEOUT, max_timeout
+
+    try:
+        return max_timeout((config.get("limits") or {}).get("max-timeout"))
+    except KaasError as e:
+        logger.error("kaas: %s; using %g s", e, DEFAULT_MAX_TIMEOUT)
+        return DEFAULT_MAX_TIMEOUT
 
 
 _OOM_NAMES = ("OutOfMemoryError", "MemoryError", "RESOURCE_EXHAUSTED", "MEM_OBJECT_ALLOCATION_FAILURE",
@@ -737,27 +808,32 @@ def _keepable(value: Any) -> bool:
     return is_array(value)
 
 
-def _error_payload(exc: BaseException, filename: str | None) -> dict:
-    """What the client needs to rebuild ``exc``: the instance when it survives pickling,
-    its type and message, and the traceback from the cell's first frame on."""
+def _error_payload(exc: BaseException, filename: str | None, source: str | None = None,
+                   line_offset: int = 0) -> dict:
+    """What the client needs to rebuild ``exc`` (see errors.exception_state): its type,
+    message and attributes, and the traceback from the cell's first frame on. The cell's
+    own lines are quoted from ``source``, this call's code: linecache holds whichever cell
+    of that name this worker compiled last (another notebook's In[3], say)."""
     frames = traceback.extract_tb(exc.__traceback__)
     start = next((i for i, f in enumerate(frames) if f.filename == filename), None)
     frames = frames[start:] if start is not None else frames[-1:]
     # kaas's own frames between the cell and a kernel say nothing to the user.
     frames = [f for f in frames if not f.filename.startswith(_PACKAGE_DIR)] or frames[-1:]
-    try:
-        exc_copy = exc.with_traceback(None)
-        pickled = pickle.loads(pickle.dumps(exc_copy))  # proves it round-trips
-        exception = serial.dumps(pickled) if type(pickled) is type(exc) else None
-    except Exception:
-        exception = None
+    cell_lines = source.splitlines() if source is not None else None
+
+    def line(frame) -> str | None:
+        if cell_lines is None or frame.filename != filename:
+            return frame.line
+        index = (frame.lineno or 0) - 1 - line_offset
+        return cell_lines[index].strip() if 0 <= index < len(cell_lines) else None
+
     cls = type(exc)
     return {
         "type": cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}",
         "message": str(exc),
         "exception_only": traceback.format_exception_only(cls, exc),
-        "frames": [(f.filename, f.lineno, f.name, f.line) for f in frames],
-        "exception": exception,
+        "frames": [(f.filename, f.lineno, f.name, line(f)) for f in frames],
+        "state": exception_state(exc),
     }
 
 

@@ -42,7 +42,7 @@ def endpoint(request, tmp_path):
 def _round_trip(link, message):
     link.send(message)
     streamed = link.receive()
-    assert streamed == {"kind": "stream", "chunks": [("stdout", "working\n")]}
+    assert streamed == {"kind": "stream", "chunks": [("stdout", "working\n")], "call_id": message.get("call_id")}
     return link.receive()
 
 

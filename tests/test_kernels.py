@@ -175,3 +175,117 @@ def test_argument_checks_name_the_argument(pool, args, kwargs, match):
 def test_unknown_kernel(pool):
     with pytest.raises(KernelError, match="unknown kernel 'nosuch'.*vector_add"):
         pool.call("nosuch")
+
+
+# --- a signature naming a function the source does not define ---------------------------
+
+HELPER = (
+    "float twice(float x) { return 2.0f * x; }\n"
+    "__kernel void double_it(__global const float *a, __global float *out) {\n"
+    "  int i = get_global_id(0); out[i] = twice(a[i]); }\n"
+)
+
+
+def test_registering_a_kernel_the_source_lacks_fails_before_anything_is_sent(pool):
+    before = pool.last_run()
+    with pytest.raises(KernelError, match=r"opencl kernel 'duble_it' is not in its source.*defines 'double_it'"):
+        pool.register(HELPER, "opencl", signature="duble_it(a: float32[n], out: out float32[n])", fallback=True)
+    assert pool.last_run() is before
+
+
+def test_registering_a_function_that_is_not_a_kernel_fails_at_register_naming_it(pool):
+    """The name is in the source (a helper), so only the device compiler can tell: the
+    kernel object is made at registration, and the error names it and what is defined."""
+    with pytest.raises(KernelError, match=r"OpenCL kernel 'twice' is not defined by its source: it defines 'double_it'"):
+        pool.register(HELPER, "opencl", signature="twice(a: float32[n], out: out float32[n])", fallback=True)
+    with pytest.raises(KernelError, match="unknown kernel 'twice'"):  # nothing was registered
+        pool.call("twice", np.zeros(4, np.float32), fallback=True)
+    # The pool is healthy: library kernels and the source's real kernel work.
+    a = rng.random(100, dtype=np.float32)
+    np.testing.assert_allclose(pool.call("vector_add", a, a), 2 * a, rtol=1e-6)
+    pool.register(HELPER, "opencl", signature="double_it(a: float32[n], out: out float32[n])", fallback=True)
+    np.testing.assert_allclose(pool.call("double_it", a, fallback=True), 2 * a, rtol=1e-6)
+
+
+def _fake_cupy(monkeypatch, missing: bool):
+    """Just enough of CuPy for CupySession.build: compile() fails the way CuPy does when
+    the module has no function of that name."""
+    import sys
+    import types
+
+    class CUDADriverError(RuntimeError):
+        pass
+
+    class CompileException(Exception):
+        pass
+
+    class RawKernel:
+        def __init__(self, source, name, options=()):
+            self.name = name
+
+        def compile(self):
+            if missing:
+                raise CUDADriverError("CUDA_ERROR_NOT_FOUND: named symbol not found")
+
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cupy = types.ModuleType("cupy")
+    cupy.RawKernel = RawKernel
+    cupy.cuda = types.SimpleNamespace(Device=Device, compiler=types.SimpleNamespace(CompileException=CompileException),
+                                      driver=types.SimpleNamespace(CUDADriverError=CUDADriverError))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+
+
+@pytest.mark.parametrize("source, name, match", [
+    ('extern "C" __global__ void twice(float *a) { }', "twise",
+     r"CUDA kernel 'twise' is not in the compiled module.*NOT_FOUND.*defines 'twice'"),
+    ("__global__ void twice(float *a) { }", "twice",
+     r"CUDA kernel 'twice' is not in the compiled module.*mangled: declare it extern \"C\" __global__ void twice"),
+])
+def test_a_cuda_kernel_missing_from_its_module_is_named_at_build(monkeypatch, source, name, match):
+    from kaas_magic.backends.base import Offer
+    from kaas_magic.backends.cupy_backend import CupySession
+    from kaas_magic.kernelspec import KernelSpec, parse_signature
+    from kaas_magic.targets import Service
+
+    _fake_cupy(monkeypatch, missing=True)
+    session = CupySession(Offer(Service("gpu", "cupy", "device", 0), "fake GPU"), {})
+    spec = KernelSpec(name, "cuda", source, parse_signature(f"{name}(a: inout float32[n])")[1])
+    with pytest.raises(KernelError, match=match):
+        session.build(spec)
+    _fake_cupy(monkeypatch, missing=False)
+    assert session.build(spec).name == name
+
+
+def test_cuda_spec_names_a_function_its_source_lacks():
+    with pytest.raises(KernelError, match=r"cuda kernel 'thrice' is not in its source.*defines 'twice'"):
+        from kaas_magic.kernelspec import spec_from_source
+
+        spec_from_source('extern "C" __global__ void twice(float *a) { }', "cuda", signature="thrice(a: inout float32[n])")
+
+
+# --- PyOpenCL's own array functions (reductions and scans need Mako) ---------------------
+
+
+def test_pyopencl_reductions_work_in_an_fpga_cell(pool):
+    a = rng.random(10_000, dtype=np.float32)
+    result = pool.run(
+        "d = cl_array.to_device(queue, a)\n"
+        "total = float(cl_array.sum(d).get())\n"
+        "dot = float(cl_array.dot(d, d).get())\n"
+        "top = float(cl_array.max(d).get())\n"
+        "running = cl_array.cumsum(d).get()\n",
+        "fpga", inputs={"a": a}, fallback=True, stdout=io.StringIO(),
+    )
+    assert result["total"] == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-4)
+    assert result["dot"] == pytest.approx(float((a.astype(np.float64) ** 2).sum()), rel=1e-4)
+    assert result["top"] == float(a.max())
+    np.testing.assert_allclose(result["running"], np.cumsum(a, dtype=np.float64), rtol=1e-3)

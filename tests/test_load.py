@@ -11,7 +11,7 @@ from kaas_magic.bench_load import SOAK_BOUND_MIB, run_load, run_soak
 
 @pytest.mark.timeout(300)
 def test_concurrent_clients_on_mixed_targets_get_their_own_right_results(pool):
-    lines, totals = run_load(pool.scheduler_address, clients=3, seconds=4)
+    lines, totals = run_load(pool.scheduler_address, clients=3, seconds=4, security=pool.client.security)
     assert totals["reported_clients"] == 3
     assert totals["calls"] >= 3 * 4  # every kind ran for every client at least once
     assert totals["wrong"] == 0 and totals["lost"] == 0 and totals["errors"] == 0, "\n".join(lines)

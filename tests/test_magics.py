@@ -169,7 +169,7 @@ def test_exception_keeps_type_message_cell_line_and_worker(ip):
     result, out = run(ip, "%%kaas cpu\na = 1\nb = a / 0\n")
     err = result.error_in_exec
     assert isinstance(err, ZeroDivisionError) and "division by zero" in str(err)
-    assert err.kaas_worker.startswith("tcp://127.0.0.1:")
+    assert err.kaas_worker.startswith("tls://127.0.0.1:")  # the embedded pool: mutual TLS
     frames = err.kaas_frames
     assert frames[-1][1] == 3  # the cell's own line: %%kaas is line 1
     assert "line 3" in out.stdout and "b = a / 0" in out.stdout

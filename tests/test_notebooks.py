@@ -35,7 +35,7 @@ def test_quickstart_runs_and_shows_real_results():
         assert line in shown
     assert "ran on" in shown  # remote print landed in the cell
     assert "FALLBACK" in shown and "SIMULATOR" in shown
-    assert "caught ZeroDivisionError from tcp://127.0.0.1:" in shown and "at cell line 3" in shown
+    assert "caught ZeroDivisionError from tls://127.0.0.1:" in shown and "at cell line 3" in shown
     assert "kaas pool (embedded LocalCluster)" in shown
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 import platform
 import threading
@@ -99,8 +100,9 @@ class Session:
         memory), "disk" (loaded from the kaas cache folder) or "compiled". ``report`` is
         told when compiling starts and ends (a live view shows it)."""
         stats = self.kernel_stats(spec)
+        key = self.kernel_key(spec)
         with self._kernels_lock:
-            compiled = self._kernels.get(spec.digest)
+            compiled = self._kernels.get(key)
             if compiled is not None:
                 how = "warm"
             else:
@@ -109,10 +111,16 @@ class Session:
                 compiled, how = self.load_or_build(spec)
                 if report is not None:
                     report("running")
-                self._kernels[spec.digest] = compiled
+                # Never evicted: backends key per-thread objects on id(compiled) (OpenCL
+                # kernel objects), which is only safe while the compiled form stays alive.
+                self._kernels[key] = compiled
             if not self.compiles_on_call:
                 stats[_STAT_OF[how]] += 1
             return compiled, how
+
+    def kernel_key(self, spec) -> str:
+        """What names the compiled form of ``spec`` in memory (see :func:`compiled_key`)."""
+        return compiled_key(spec)
 
     def load_or_build(self, spec) -> tuple[Any, str]:
         cached = self.load_cached(spec)
@@ -162,6 +170,30 @@ class Session:
 
 
 _STAT_OF = {"warm": "cache_hits", "disk": "disk_loads", "compiled": "compiles"}
+
+
+def compiled_key(spec) -> str:
+    """The in-memory key of a kernel's compiled form: a SHA-256 of every field the compiled
+    form (or what is made from it once and kept) can depend on. The source, name, language
+    and build options make the program; the signature sets how a launch packs scalars into
+    kernel objects made from it (OpenCL keeps those per program); the line offset sets the
+    line numbers that code compiled from Python reports. ``KernelSpec.digest`` hashes the
+    same fields the same way and equals it; this also takes spec-like objects without that
+    property. Worked out once per spec object (specs are frozen) and kept on it, as
+    cached_property does."""
+    cached = getattr(spec, "__dict__", {}).get("_kaas_compiled_key")
+    if cached is not None:
+        return cached
+    params = None if spec.params is None else tuple(
+        (p.name, p.role, p.dtype, None if p.shape is None else tuple(p.shape)) for p in spec.params
+    )
+    described = (spec.language, spec.name, spec.source, tuple(spec.options), params, spec.line_offset)
+    key = hashlib.sha256(repr(described).encode("utf-8", "surrogatepass")).hexdigest()
+    try:
+        spec.__dict__["_kaas_compiled_key"] = key
+    except AttributeError:  # a spec without a __dict__: worked out on every call
+        pass
+    return key
 
 
 class Backend:

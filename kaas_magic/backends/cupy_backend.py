@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Iterator
 
 from ..compile_cache import DiskCache
@@ -46,11 +47,26 @@ class CupySession(Session):
 
     # CuPy keeps compiled kernels in CUPY_CACHE_DIR (inside the kaas cache folder); a
     # marker beside them says this kernel was compiled for this device before, so the
-    # next worker's build is a load from that cache.
+    # next worker's build is a load from that cache. The marker only sets the label
+    # ("disk" or "compiled"): build always goes through CuPy, whose own caches key on the
+    # source, options, arch and compiler versions (on disk), and on the code, options and
+    # device (RawKernel and _get_raw_module in memory).
     def _marker_key(self, spec) -> str:
+        """Everything CuPy's disk cache keys on, so that "disk" is said only when CuPy will
+        find the module there: the device, its compute capability (the arch compiled
+        for), the CUDA runtime, driver and NVRTC versions, CuPy's version, and the source
+        and each option (a tuple). Not ``spec.digest``: it holds the signature, which the
+        module does not depend on."""
         import cupy
 
-        return DiskCache.key(self.device, cupy.__version__, spec.digest, spec.options)
+        cuda = cupy.cuda
+        return DiskCache.key(
+            "cupy-marker/2", self.device, cupy.__version__,
+            cuda.Device(self.index).compute_capability,
+            cuda.runtime.runtimeGetVersion(), cuda.runtime.driverGetVersion(),
+            repr(tuple(cuda.nvrtc.getVersion())),
+            spec.language, spec.name, spec.source, repr(tuple(spec.options)),
+        )
 
     def load_cached(self, spec):
         if self._disk.load(self._marker_key(spec)) is None:
@@ -68,12 +84,19 @@ class CupySession(Session):
         kernel = cupy.RawKernel(spec.source, spec.name, options=tuple(spec.options))
         try:
             with cupy.cuda.Device(self.index):
+                # Compiles, loads the module and looks the function up in it (get_function):
+                # a signature naming a function the module lacks fails here, at registration.
                 kernel.compile()
+                getattr(kernel, "kernel", None)  # the lookup, where compile() does not do it
         except cupy.cuda.compiler.CompileException as e:
             raise KernelCompileError(
                 f"CUDA kernel {spec.name!r} failed to compile for {self.device}:\n"
                 + shift_log_lines(str(e), spec.line_offset)
             ) from None
+        except cupy.cuda.driver.CUDADriverError as e:
+            if "NOT_FOUND" not in str(e):
+                raise
+            raise missing_kernel_error(spec, str(e)) from None
         return kernel
 
     def launch(self, spec, kernel, args: tuple, kwargs: dict):
@@ -121,6 +144,30 @@ class CupySession(Session):
             return cupy.asnumpy(v) if isinstance(v, cupy.ndarray) else v
 
         return map_containers(value, convert)
+
+
+def missing_kernel_error(spec, detail: str = ""):
+    """The error for a CUDA module without the function a signature names: the kernels its
+    source defines, and, where the function is there but compiled as C++ (its symbol
+    mangled), the ``extern "C"`` that makes it findable by name."""
+    from ..kernelspec import KernelError, kernels_in_source
+
+    code = re.sub(r"//[^\n]*|/\*.*?\*/", " ", spec.source, flags=re.S)
+    defined = kernels_in_source(spec.source)
+    c_block = re.search(r'extern\s+"C"\s*\{', code)
+
+    def c_linkage(kernel: str) -> bool:
+        return bool(c_block or re.search(rf'extern\s+"C"[^;{{}}]*\b{re.escape(kernel)}\s*\(', code))
+
+    if spec.name in defined and not c_linkage(spec.name):
+        hint = (f" It is there, but compiled as C++ its symbol name is mangled: declare it "
+                f'extern "C" __global__ void {spec.name}(...) so that it can be found by name.')
+    else:
+        hint = (" The source defines " + (", ".join(repr(k) for k in defined) if defined else "no __global__ kernel")
+                + "; name the kernel in the signature as it is in the source"
+                + (' (and declare it extern "C")' if not all(map(c_linkage, defined)) else "") + ".")
+    return KernelError(f"CUDA kernel {spec.name!r} is not in the compiled module"
+                       + (f" ({detail.strip()})" if detail.strip() else "") + "." + hint)
 
 
 class CupyBackend(Backend):

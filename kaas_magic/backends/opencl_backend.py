@@ -10,7 +10,7 @@ from typing import Any
 from ..compile_cache import DiskCache
 from ..kernelspec import launch_c_kernel, round_up, scalar_arg_dtypes
 from ..targets import Service
-from .base import Backend, Offer, Session, map_containers, try_convert
+from .base import Backend, Offer, Session, compiled_key, map_containers, try_convert
 
 _WARM_UP_SOURCE = "__kernel void kaas_warm(__global float *a) { a[get_global_id(0)] += 1.0f; }"
 
@@ -65,11 +65,7 @@ class OpenCLSession(Session):
     languages = ("opencl",)
 
     def _binary_key(self, spec) -> str:
-        import pyopencl as cl
-
-        dev = self.context.devices[0]
-        return DiskCache.key(dev.platform.name, dev.name, dev.driver_version, cl.VERSION_TEXT,
-                             spec.digest, spec.options)
+        return binary_key(self.context.devices[0], spec)
 
     def load_cached(self, spec):
         """A program binary saved by an earlier worker on this device, if any."""
@@ -79,9 +75,11 @@ class OpenCLSession(Session):
         if binary is None:
             return None
         try:
-            return cl.Program(self.context, self.context.devices, [binary]).build(options=list(spec.options))
+            program = cl.Program(self.context, self.context.devices, [binary]).build(options=list(spec.options))
         except cl.Error:  # stale or foreign binary: rebuild from source
             return None
+        self._kernel_object(spec, program)
+        return program
 
     def store_cached(self, spec, program) -> None:
         import pyopencl as cl
@@ -96,7 +94,7 @@ class OpenCLSession(Session):
         from ..kernelspec import KernelCompileError, shift_log_lines
 
         try:
-            return cl.Program(self.context, spec.source).build(options=list(spec.options))
+            program = cl.Program(self.context, spec.source).build(options=list(spec.options))
         except cl.RuntimeError as e:
             # Keep the compiler's diagnostics, naming the kernel instead of a temp file.
             lines = [
@@ -108,24 +106,54 @@ class OpenCLSession(Session):
                 f"OpenCL kernel {spec.name!r} failed to build on {self.device}:\n"
                 + shift_log_lines("\n".join(lines) or str(e), spec.line_offset)
             ) from None
+        # The kernel object is made now, at registration: a signature naming a function the
+        # source does not define fails here, naming it, not at every call.
+        self._kernel_object(spec, program)
+        return program
+
+    def _kernel_object(self, spec, program):
+        """This thread's kernel object for ``spec`` in ``program``, made on first use.
+        Kernel objects hold their arguments, so each thread needs its own; making one costs
+        ~0.2 ms on PoCL, so they are kept."""
+        # Keyed on the program's id and everything a kernel object is made from (the name,
+        # and the signature that sets its scalar dtypes: compiled_key). The entry keeps its
+        # program, and is used only for that very program: a program dropped after its
+        # kernel object was made (a build whose store_cached then failed) may leave its id
+        # to another program, and that one must get its own kernel object.
+        kernels = self._local.__dict__.setdefault("kernels", {})
+        key = (id(program), compiled_key(spec))
+        entry = kernels.get(key)
+        kernel = entry[1] if entry is not None and entry[0] is program else None
+        if kernel is None:
+            import pyopencl as cl
+
+            from ..kernelspec import KernelError
+
+            try:
+                kernel = cl.Kernel(program, spec.name)
+            except cl.Error as e:
+                try:
+                    defined = sorted(k for k in program.get_info(cl.program_info.KERNEL_NAMES).split(";") if k)
+                except cl.Error:
+                    defined = []
+                raise KernelError(
+                    f"OpenCL kernel {spec.name!r} is not defined by its source: it "
+                    + (f"defines {', '.join(repr(k) for k in defined)}" if defined else "defines no kernel")
+                    + f" (PyOpenCL: {str(e).strip() or type(e).__name__}). Name the kernel in the signature "
+                    f"as it is in the source."
+                ) from None
+            # Scalars packed by their declared dtype: otherwise PyOpenCL inspects each
+            # NumPy scalar on every call, which cost more than setting all the other arguments.
+            kernel.set_scalar_arg_dtypes(scalar_arg_dtypes(spec))
+            kernels[key] = (program, kernel)
+        return kernel
 
     def launch(self, spec, program, args: tuple, kwargs: dict):
-        import pyopencl as cl
         import pyopencl.array as cl_array
 
         queue = self.queue
         block = spec.block or None
-
-        # Kernel objects hold their arguments, so each thread needs its own; making one
-        # costs ~0.2 ms on PoCL, so they are kept.
-        kernels = self._local.__dict__.setdefault("kernels", {})
-        kernel = kernels.get((id(program), spec.name))
-        if kernel is None:
-            kernel = cl.Kernel(program, spec.name)
-            # Scalars packed by their declared dtype: otherwise PyOpenCL inspects each
-            # NumPy scalar on every call, which cost more than setting all the other arguments.
-            kernel.set_scalar_arg_dtypes(scalar_arg_dtypes(spec))
-            kernels[(id(program), spec.name)] = kernel
+        kernel = self._kernel_object(spec, program)
 
         def run(device_args, grid):
             global_size = tuple(round_up(g, b) for g, b in zip(grid, block)) if block else grid
@@ -215,6 +243,32 @@ class OpenCLSession(Session):
             return v.get(queue=self.queue) if isinstance(v, cl_array.Array) else v
 
         return map_containers(value, convert)
+
+
+BINARY_KEY_FORMAT = "opencl-binary/2"
+
+
+def binary_key(device, spec) -> str:
+    """The on-disk name of ``spec``'s program binary for ``device`` (a ``cl.Device``, or
+    anything with its attributes). A binary is native code for one compiler and one CPU:
+    the key holds PyOpenCL's own device cache id (PyOpenCL's version; the platform's
+    vendor, name and version; the device's vendor, name, version and driver version) and,
+    named again in case a PyOpenCL leaves any out, the platform version (PoCL's build and
+    LLVM version), the device version (PoCL's target CPU, e.g. ``…-znver3``: its device
+    name, ``pthread-AMD EPYC``, is the same on every EPYC generation) and the driver
+    version; then what the program is built from: the source and each build option, as a
+    tuple (options joined with spaces would be ambiguous). The language and kernel name
+    cost only a miss. Not ``spec.digest``: it holds the signature, which the binary does
+    not depend on."""
+    import pyopencl as cl
+    from pyopencl.cache import get_device_cache_id
+
+    platform = device.platform
+    return DiskCache.key(
+        BINARY_KEY_FORMAT, cl.VERSION_TEXT, repr(get_device_cache_id(device)),
+        platform.version, device.version, device.driver_version,
+        spec.language, spec.name, spec.source, repr(tuple(spec.options)),
+    )
 
 
 class OpenCLBackend(Backend):

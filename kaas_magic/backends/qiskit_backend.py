@@ -2,19 +2,50 @@
 IBM Quantum backend when ``kaas.qpu.provider`` is ``ibm``.
 
 ``transpile(qc, backend)`` rebuilds its pass manager on every call (~0.2 s); a session
-builds one pass manager once and also caches transpiled circuits by their structure.
+builds one pass manager once and also caches transpiled circuits, in memory and on disk.
+
+The cache key is a digest of the circuit's complete QPY serialisation (every instruction
+with its parameters, custom gates with their full definitions, registers, layout, global
+phase), so two circuits that differ only inside a custom gate never share an entry. The
+names and metadata of the circuit and of the circuits it nests (gate definitions, control
+flow blocks) are left out: they do not change what it transpiles to. Gate names stay in
+(a target matches operations by name). On disk the key also names everything else the
+transpiled circuit depends on: the backend and its target, the pass manager's settings,
+and the versions of qiskit, its provider, numpy and Python. A circuit QPY cannot serialise
+is transpiled afresh, never cached; a circuit handed to ``transpile`` gets a copy, so
+changing it leaves the cache alone. See docs/caches.md.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import hashlib
+import io
+import itertools
 import pickle
+import sys
 import threading
+import uuid
 from typing import Any
 
 from ..compile_cache import DiskCache
 from ..targets import Service
 from .base import Backend, Offer, Session
+
+# Bump when what a key covers, or how an entry is stored, changes: older entries then miss.
+KEY_FORMAT = "kaas-qiskit-transpiled-v2"
+
+
+class _Prepared:
+    """A fixed circuit (an OpenQASM kernel) with its cache key worked out once. The circuit
+    is the session's own, never handed to user code, so it cannot change under its key."""
+
+    __slots__ = ("circuit", "digest")
+
+    def __init__(self, circuit, digest: bytes | None):
+        self.circuit = circuit
+        self.digest = digest
 
 
 class QiskitSession(Session):
@@ -38,40 +69,26 @@ class QiskitSession(Session):
 
             self.backend = QiskitRuntimeService().backend(self.offer.detail["ibm_backend"])
             self._sampler = SamplerV2(mode=self.backend)
+        optimization_level = int(qpu.get("optimization-level", 1))
+        seed = qpu.get("seed-transpiler")
+        seed = None if seed is None else int(seed)
         self.pass_manager = generate_preset_pass_manager(
-            optimization_level=int(qpu.get("optimization-level", 1)), backend=self.backend
+            optimization_level=optimization_level, backend=self.backend, seed_transpiler=seed
         )
         self._lock = threading.Lock()
-        # Transpiled circuits survive a worker restart: pickled, keyed by the backend, the
-        # pass manager's settings and qiskit's version.
-        import qiskit
-
+        # Transpiled circuits survive a worker restart: on disk under a key naming the
+        # circuit and everything else the transpiled form depends on (see _identity).
         self._disk = DiskCache(self.config, "qiskit")
-        self._backend_identity = (self.backend.name, qpu.get("optimization-level", 1), qiskit.__version__)
+        self._backend_identity = _identity(self.backend, optimization_level, seed)
         self._transpiled: collections.OrderedDict = collections.OrderedDict()
-        self.stats = {"transpile_hits": 0, "transpile_misses": 0}
+        self._parsed: collections.OrderedDict = collections.OrderedDict()  # OpenQASM text -> _Prepared
+        self.stats = {"transpile_hits": 0, "transpile_misses": 0, "transpile_uncached": 0}
         if self._sampler is None:  # never spend real QPU time on a warm-up
             bell = QuantumCircuit(2)
             bell.h(0)
             bell.cx(0, 1)
             bell.measure_all()
             self.run(bell, shots=16)
-
-    @staticmethod
-    def _fingerprint(circuit) -> tuple:
-        return (
-            circuit.num_qubits,
-            circuit.num_clbits,
-            tuple(
-                (
-                    inst.operation.name,
-                    tuple(circuit.find_bit(q).index for q in inst.qubits),
-                    tuple(circuit.find_bit(c).index for c in inst.clbits),
-                    tuple(float(p) if _is_number(p) else str(p) for p in inst.operation.params),
-                )
-                for inst in circuit.data
-            ),
-        )
 
     def _as_circuit(self, circuit):
         from qiskit import QuantumCircuit
@@ -92,31 +109,68 @@ class QiskitSession(Session):
             f"run() takes a qiskit QuantumCircuit or an OpenQASM string, not {type(circuit).__name__}"
         )
 
+    def _prepare(self, circuit) -> _Prepared:
+        """The circuit and its cache key. OpenQASM text is parsed once per distinct text: the
+        parsed circuit is the session's own, so its key can be kept with it."""
+        if isinstance(circuit, _Prepared):
+            return circuit
+        if isinstance(circuit, str):
+            with self._lock:
+                prepared = self._parsed.get(circuit)
+                if prepared is not None:
+                    self._parsed.move_to_end(circuit)
+                    return prepared
+            parsed = self._as_circuit(circuit)
+            prepared = _Prepared(parsed, circuit_digest(parsed))
+            with self._lock:
+                self._parsed[circuit] = prepared
+                if len(self._parsed) > self._CACHE_SIZE:
+                    self._parsed.popitem(last=False)
+            return prepared
+        circuit = self._as_circuit(circuit)
+        # Circuits are mutable: the key is worked out from the circuit as it is now, every
+        # time (an id() or a key remembered from an earlier call could name a changed circuit).
+        return _Prepared(circuit, circuit_digest(circuit))
+
     def transpile(self, circuit):
-        """Transpile for this session's backend, reusing one pass manager and a cache."""
-        return self._transpile(circuit)[0]
+        """Transpile for this session's backend, reusing one pass manager and a cache.
+        The caller gets a copy of its own: changing it leaves the cached one as it was."""
+        prepared = self._prepare(circuit)
+        transpiled = self._transpile(prepared)[0]
+        mine = transpiled.copy(name=prepared.circuit.name)
+        mine.metadata = copy.copy(prepared.circuit.metadata)
+        return mine
 
     def _transpile(self, circuit) -> tuple[Any, str]:
-        """(transpiled circuit, how it was had: "warm", "disk" or "compiled")."""
-        circuit = self._as_circuit(circuit)
+        """(transpiled circuit, how it was had: "warm", "disk" or "compiled"). The circuit
+        returned is the cached one: only for running, never for handing to user code."""
+        prepared = self._prepare(circuit)
+        circuit, key = prepared.circuit, prepared.digest
         limit = self.backend.num_qubits
         if limit is not None and circuit.num_qubits > limit:
             raise ValueError(
                 f"circuit {circuit.name!r} has {circuit.num_qubits} qubits but {self.device} "
                 f"supports at most {limit}"
             )
-        key = self._fingerprint(circuit)
+        if key is None:  # QPY cannot serialise it: no key is complete enough, so no cache
+            transpiled = self.pass_manager.run(circuit)
+            with self._lock:
+                self.stats["transpile_uncached"] += 1
+            return transpiled, "compiled"
         with self._lock:
             cached = self._transpiled.get(key)
             if cached is not None:
                 self._transpiled.move_to_end(key)
                 self.stats["transpile_hits"] += 1
                 return cached, "warm"
-        disk_key = DiskCache.key(self._backend_identity, repr(key))
+        disk_key = self._disk_key(key)
         transpiled, how = self._load_transpiled(disk_key), "disk"
         if transpiled is None:
             transpiled, how = self.pass_manager.run(circuit), "compiled"
-            self._disk.store(disk_key, pickle.dumps(transpiled))
+            try:
+                self._disk.store(disk_key, pickle.dumps(transpiled))
+            except Exception:  # noqa: BLE001 - a circuit pickle cannot take stays in memory only
+                pass
         with self._lock:
             self.stats["transpile_misses"] += 1
             self._transpiled[key] = transpiled
@@ -124,24 +178,31 @@ class QiskitSession(Session):
                 self._transpiled.popitem(last=False)
         return transpiled, how
 
+    def _disk_key(self, digest: bytes) -> str:
+        return DiskCache.key(KEY_FORMAT, self._backend_identity, digest.hex())
+
     def _load_transpiled(self, disk_key: str):
+        from qiskit import QuantumCircuit
+
         data = self._disk.load(disk_key)
         if data is None:
             return None
         try:
-            return pickle.loads(data)
-        except Exception:  # written by another qiskit: transpile again
+            transpiled = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - unreadable (another qiskit wrote it): a miss
             return None
+        return transpiled if isinstance(transpiled, QuantumCircuit) else None
 
     def run(self, circuit, shots: int | None = None) -> dict[str, int]:
         """Run a circuit (or OpenQASM text) and return its measurement counts."""
         shots = self.default_shots if shots is None else int(shots)
         if shots <= 0:
             raise ValueError(f"shots must be positive, got {shots}")
-        transpiled = self.transpile(circuit)
-        if transpiled.num_clbits == 0:
+        prepared = self._prepare(circuit)
+        transpiled = self._transpile(prepared)[0]
+        if transpiled.num_clbits == 0:  # named as the caller named it, not as the cached one is
             raise ValueError(
-                f"circuit {transpiled.name!r} measures nothing: add measure_all() or measure()"
+                f"circuit {prepared.circuit.name!r} measures nothing: add measure_all() or measure()"
             )
         if self._sampler is not None:
             result = self._sampler.run([transpiled], shots=shots).result()
@@ -155,7 +216,8 @@ class QiskitSession(Session):
         Python: the circuit-building function; its circuits are transpiled per call."""
         if "OPENQASM" in spec.source and "def " not in spec.source:
             circuit = self._as_circuit(spec.source)
-            return circuit, self._transpile(circuit)[1]
+            prepared = _Prepared(circuit, circuit_digest(circuit))
+            return prepared, self._transpile(prepared)[1]
         return self.build(spec), "compiled"
 
     def build(self, spec):
@@ -190,12 +252,187 @@ class QiskitSession(Session):
         }
 
 
-def _is_number(p) -> bool:
+# --- cache keys ----------------------------------------------------------------------------
+
+# Operations QPY writes without an entry in a circuit's table of custom operations. Qiskit's
+# Rust QPY writer emits that table in hash-map order, which varies from run to run; a
+# circuit made only of these has the same bytes every time, so the fast writer keys it.
+_PLAIN_OPERATIONS: frozenset[str] | None = None
+
+
+def _plain_operations() -> frozenset[str]:
+    global _PLAIN_OPERATIONS
+    if _PLAIN_OPERATIONS is None:
+        from qiskit.circuit.library import get_standard_gate_name_mapping
+
+        _PLAIN_OPERATIONS = frozenset(get_standard_gate_name_mapping()) | {
+            "barrier", "measure", "reset", "delay", "unitary", "initialize", "state_preparation",
+        }
+    return _PLAIN_OPERATIONS
+
+
+# Two things in the Python QPY writer vary between equal circuits: it names each custom
+# operation after uuid.uuid4(), and it writes the name (and metadata) of every circuit it
+# nests: a gate's definition, a control-flow block, each a new ``circuit-<n>`` when a library
+# gate synthesises its definition afresh. During a keyed dump in this thread the UUIDs are
+# numbered and nested circuits written nameless; every other caller (other threads, user
+# code) gets the writer as Qiskit made it.
+_keyed_dump = threading.local()
+
+
+class _NumberedUuids:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(uuid, name)
+
+    @staticmethod
+    def uuid4() -> uuid.UUID:
+        counter = getattr(_keyed_dump, "counter", None)
+        return uuid.uuid4() if counter is None else uuid.UUID(int=next(counter))
+
+
+def _nameless(circuit):
+    """A view of ``circuit`` without its name and metadata, which do not change what it
+    transpiles to (a new ``QuantumCircuit()`` is named ``circuit-<n>``, n counting up)."""
+    if getattr(circuit, "_is_built", True) is False:  # a BlueprintCircuit builds on first use:
+        circuit.data  # build the original now, not a copy that shares its instruction list
+    view = copy.copy(circuit)  # shares the instructions; only the name and metadata are new
+    view.name = "kaas"
+    view.metadata = {}
+    return view
+
+
+def _keyed_writer(write_circuit):
+    def write(file_obj, circuit, *args, **kwargs):
+        if getattr(_keyed_dump, "counter", None) is not None:
+            circuit = _nameless(circuit)
+        return write_circuit(file_obj, circuit, *args, **kwargs)
+
+    write.kaas_keyed = True
+    return write
+
+
+_writer_keyed: bool | None = None
+_writer_lock = threading.Lock()
+
+
+def _key_python_qpy_writer() -> bool:
+    """Make the Python QPY writer give equal circuits equal bytes (see above); False if
+    this Qiskit's writer is not laid out as expected (then keys are only less stable)."""
+    global _writer_keyed
+    if _writer_keyed is not None:
+        return _writer_keyed
+    with _writer_lock:
+        if _writer_keyed is not None:
+            return _writer_keyed
+        try:
+            from qiskit.qpy.binary_io import circuits
+
+            if getattr(circuits, "uuid", None) is uuid:
+                circuits.uuid = _NumberedUuids()
+            if callable(circuits.write_circuit) and not getattr(circuits.write_circuit, "kaas_keyed", False):
+                circuits.write_circuit = _keyed_writer(circuits.write_circuit)
+            _writer_keyed = isinstance(circuits.uuid, _NumberedUuids) and circuits.write_circuit.kaas_keyed
+        except Exception:  # noqa: BLE001 - another layout: keep Qiskit's writer as it is
+            _writer_keyed = False
+    return _writer_keyed
+
+
+# The last QPY version the Python writer produces (later versions are written in Rust).
+_PYTHON_QPY_VERSION = 16
+
+
+def qpy_bytes(circuit) -> bytes:
+    """The circuit's complete QPY serialisation, the same bytes for equal circuits where
+    Qiskit allows. Circuits of plain operations go through the fast (Rust) writer. Others
+    nest circuits (gate definitions, control flow) and keep a table of custom operations,
+    which the Rust writer emits in hash-map order, different from run to run: they go
+    through the Python writer, with numbered UUIDs and nameless nested circuits (see
+    _key_python_qpy_writer); what that writer's QPY version cannot express, through the
+    Rust writer again (only a less stable key). Raises what ``qpy.dump`` raises for a
+    circuit it cannot serialise."""
+    from qiskit import qpy
+
+    if not set(circuit.count_ops()) <= _plain_operations() and _key_python_qpy_writer():
+        buffer = io.BytesIO()
+        _keyed_dump.counter = itertools.count(1)
+        try:
+            qpy.dump(circuit, buffer, version=_PYTHON_QPY_VERSION)
+            return buffer.getvalue()
+        except Exception:  # noqa: BLE001 - a feature that version lacks: the default writer
+            pass
+        finally:
+            _keyed_dump.counter = None
+    buffer = io.BytesIO()
+    qpy.dump(circuit, buffer)
+    return buffer.getvalue()
+
+
+def circuit_digest(circuit) -> bytes | None:
+    """The transpile-cache key of ``circuit``: a BLAKE2b-256 digest of its QPY serialisation,
+    with the names and metadata of the circuit and of the circuits it nests left out (they do
+    not change what it transpiles to; gate names, which do, stay in). None when QPY cannot
+    serialise it: then no key would be complete, and the circuit is transpiled uncached."""
     try:
-        float(p)
-        return True
-    except (TypeError, ValueError):
-        return False
+        return hashlib.blake2b(qpy_bytes(_nameless(circuit)), digest_size=32).digest()
+    except Exception:  # noqa: BLE001 - anything QPY cannot write is simply not cached
+        return None
+
+
+def _identity(backend, optimization_level: int, seed: int | None) -> str:
+    """Everything besides the circuit that the transpiled circuit depends on: the backend,
+    its target (basis, coupling map, gate properties), the pass manager's settings, and the
+    versions of the software that transpiles and pickles."""
+    import numpy
+    import qiskit
+
+    try:
+        import qiskit_aer
+
+        aer = qiskit_aer.__version__
+    except ImportError:
+        aer = None
+    try:
+        import qiskit_ibm_runtime
+
+        runtime = qiskit_ibm_runtime.__version__
+    except ImportError:
+        runtime = None
+    parts = [
+        KEY_FORMAT, f"{type(backend).__module__}.{type(backend).__qualname__}", backend.name,
+        getattr(backend, "num_qubits", None), f"optimization_level={optimization_level}", f"seed={seed}",
+        f"qiskit={qiskit.__version__}", f"qiskit_aer={aer}", f"qiskit_ibm_runtime={runtime}",
+        f"numpy={numpy.__version__}", f"python={sys.version_info[:3]}", _target_fingerprint(backend),
+    ]
+    return "\x1f".join(map(str, parts))
+
+
+def _target_fingerprint(backend) -> str:
+    """A digest of the backend's transpiler target: its operations, where each is allowed,
+    and their properties (durations and errors steer layout at higher levels)."""
+    target = getattr(backend, "target", None)
+    digest = hashlib.blake2b(digest_size=32)
+
+    def put(*parts: object) -> None:
+        text = repr(parts).encode()
+        digest.update(len(text).to_bytes(8, "little") + text)
+
+    if target is None:
+        put("no target", repr(getattr(backend, "configuration", lambda: None)()))
+        return digest.hexdigest()
+    put(target.num_qubits, target.dt, target.granularity, target.min_length, target.pulse_alignment,
+        target.acquire_alignment, getattr(target, "concurrent_measurements", None))
+    for name in sorted(target.operation_names):
+        operation = target.operation_from_name(name)
+        if isinstance(operation, type):  # a variadic operation (control flow): any width
+            put(name, f"{operation.__module__}.{operation.__qualname__}")
+        else:
+            put(name, f"{type(operation).__module__}.{type(operation).__qualname__}",
+                operation.num_qubits, operation.num_clbits, [repr(p) for p in operation.params])
+        properties = target[name]
+        for qargs in sorted(properties, key=repr):
+            prop = properties[qargs]
+            put(qargs, None if prop is None else (prop.duration, prop.error))
+    return digest.hexdigest()
 
 
 class QiskitBackend(Backend):
