@@ -56,17 +56,16 @@ def _bad_timeout(pool) -> None:
     pool.run("x = 1", "cpu", timeout=random.choice([float("inf"), float("nan"), 1e10, -1.0]), outputs=[])
 
 
-def _vanishing_caller(address: str, security) -> Callable:
-    def cause(pool) -> None:
-        import multiprocessing
+def _vanishing_caller(pool) -> None:
+    """Another notebook process starts a long call and is killed in the middle of it."""
+    import multiprocessing
 
-        ctx = multiprocessing.get_context("spawn")
-        child = ctx.Process(target=_caller_that_is_killed, args=(address, security), daemon=True)
-        child.start()
-        time.sleep(3.0)  # connected and mid-call
-        child.kill()
-        child.join(10)
-    return cause
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_caller_that_is_killed, args=(pool.scheduler_address, pool.client.security), daemon=True)
+    child.start()
+    time.sleep(3.0)  # connected and mid-call
+    child.kill()
+    child.join(10)
 
 
 def _caller_that_is_killed(address: str, security) -> None:
@@ -84,12 +83,12 @@ def _thread_prints(pool) -> None:
         raise AssertionError("a thread's print did not reach its own cell")
 
 
-def faults(address: str, security) -> list[Fault]:
+def faults() -> list[Fault]:
     return [
         Fault("native code past its timeout", "B", _run("sum(range(10**13))", timeout=1), "CallTimeout", 30, once=True),
         Fault("Python loop past its timeout", "B", _run("while True:\n    pass", timeout=1), "CallTimeout", 10),
         Fault("timeout that would switch the limit off", "B", _bad_timeout, "KaasUsageError", 1),
-        Fault("caller killed mid-call", "B", _vanishing_caller(address, security), None, 30),
+        Fault("caller killed mid-call", "B", _vanishing_caller, None, 30),
         Fault("caller that stops reading", "B", _slow_reader, None, 60),
         Fault("output the notebook cannot encode", "B", _unencodable, None, 10),
         Fault("sys.stdout replaced", "C", _run("import sys, io\nsys.stdout = io.StringIO()\nprint('gone')"), None, 10),
@@ -108,12 +107,21 @@ def faults(address: str, security) -> list[Fault]:
     ]
 
 
+# What a cell sees of the process state other cells could change: the same in every call,
+# whatever another notebook's cells did before or do at the same time.
+CLEAN_STATE_CELL = """
+import os as _os, sys as _sys, warnings as _warnings, numpy as _numpy
+state = (_os.getcwd(), _os.environ.get('KAAS_FAULT'), type(_sys.stdout).__name__,
+         any(f[0] == 'error' for f in _warnings.filters), _numpy.geterr()['divide'])
+"""
+
+
 def inject(address: str, security, seconds: float, results) -> None:
     """The fault client, in its own process: a random fault at a time until time is up."""
     from .client import Pool
 
     pool = Pool.connect(address, security=security)
-    table = faults(address, security)
+    table = faults()
     done: list[dict] = []
     used: set[str] = set()
     rng = random.Random(12)

@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 
 from .bench import _header
+from .bench_faults import CLEAN_STATE_CELL
 
 # Task kinds: (name, how to run it on a pool, how to check the result).
 KINDS = ("cpu numpy", "fpga kernel", "tpu jax", "qpu circuit")
@@ -28,13 +29,7 @@ SOAK_BOUND_MIB = 64  # what the soak may add to a process's resident memory
 
 # A cpu task also prints its tag and reports the process state a cell could have changed:
 # output reaching the wrong caller, or one cell's state reaching another's, counts as wrong.
-_CPU_TASK = """
-import os, sys, warnings, numpy
-print('tag', tag)
-y = x * 2 + tag
-state = (os.getcwd(), os.environ.get('KAAS_FAULT'), sys.stdout.__class__.__name__,
-         any(f[0] == 'error' for f in warnings.filters), numpy.geterr()['divide'])
-"""
+_CPU_TASK = "print('tag', tag)\ny = x * 2 + tag\n" + CLEAN_STATE_CELL
 
 
 def _one_call(pool, kind: str, tag: int, baseline: dict | None = None):

@@ -49,6 +49,7 @@ from .fastlink import Links
 from .handles import DeviceHandle, handles_in
 from .kernelspec import KernelError, bind
 from .record import RunRecord, Timings
+from .stopping import REPLY_MARGIN_S, check_call_options, check_count, max_timeout
 from .targets import DEFAULT_BACKEND, KIND_ORDER, READY_RESOURCE, TARGETS, Service, check_backend, check_target
 
 if TYPE_CHECKING:
@@ -136,7 +137,9 @@ class Pool:
         import dask.config
         from distributed import Client, LocalCluster
 
-        n_workers = n_workers or int(kaas_config.get("pool.n-workers", 2))
+        if n_workers is None:
+            n_workers = kaas_config.get("pool.n-workers", 2)
+        n_workers = check_count(n_workers, "n_workers", 1, 1024, "workers of one embedded pool")
         cluster_kwargs.setdefault("threads_per_worker", 1)
         cluster_kwargs.setdefault("memory_limit", kaas_config.get("pool.memory-limit", "auto"))
         # Loopback only: whoever reaches the pool can run code on it.
@@ -470,9 +473,10 @@ class Pool:
         queued, sending, running, compiling (a kernel), receiving, then done or error
         (cancelled when the call is interrupted).
 
-        ``timeout`` (default ``kaas.timeout``) bounds the seconds the code may run: past it
-        the call fails with :class:`CallTimeout`, the code is stopped, and a worker that
-        cannot stop it is replaced. Interrupting this call (Ctrl-C, the notebook's stop
+        ``timeout`` (default ``kaas.timeout``, else ``kaas.limits.max-timeout``: one day)
+        bounds the seconds the code may run: past it the call fails with
+        :class:`CallTimeout`, the code is stopped, and a worker that cannot stop it (native
+        code holding the GIL) is killed from outside by its supervisor and replaced. Interrupting this call (Ctrl-C, the notebook's stop
         button) stops the remote code too. ``retries`` re-runs the call elsewhere when its
         worker dies under it; only ask for it when running the code twice is safe.
         """
@@ -483,6 +487,7 @@ class Pool:
         # Named by content, so that running the same code again hits the parse cache here
         # and the compile cache on the worker.
         filename = filename or f"<kaas-cell-{hashlib.blake2b(code.encode(), digest_size=8).hexdigest()}>"
+        line_offset = check_count(line_offset, "line_offset", 0, 10**6, "lines before a cell")
         info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
         body = {
             "code": code, "filename": filename, "line_offset": line_offset,
@@ -503,8 +508,6 @@ class Pool:
                 worker, stdout, stderr, keep, progress, timeout, retries, t_start: float) -> RunResult:
         """What run() and call() share: route, send, relay, rebuild, record. ``body`` says
         what runs: cell code, or (from call()) one registered kernel."""
-        from .stopping import check_call_options
-
         # Checked before anything is sent (a bad value must not switch a worker's safety
         # off). Every call runs under a timeout: its own, kaas.timeout, or (None) the
         # worker's kaas.limits.max-timeout.
@@ -741,8 +744,6 @@ class Pool:
                              f"The pool replaces dead workers; calls on other workers go on") from e
         relay = _OutputRelay(stdout, stderr, on_state)
         call_id = message["call_id"]
-        from .stopping import REPLY_MARGIN_S, max_timeout
-
         # Nothing here waits for ever: past its timeout (without one, this notebook's
         # kaas.limits.max-timeout) and the worker's and its supervisor's time to stop it,
         # plus a few seconds, the call is given up (and the worker with it).

@@ -98,9 +98,13 @@ def exception_state(exc: BaseException) -> dict:
                 continue
             if isinstance(descriptor, (types.MemberDescriptorType, types.GetSetDescriptorType)):
                 try:
-                    attributes[name] = getattr(exc, name)
+                    value = getattr(exc, name)
                 except Exception:  # noqa: BLE001 - unset (OSError.characters_written)
-                    pass
+                    continue
+                # None is every slot's default; set explicitly it would change the message
+                # (OSError prints "[Errno None] None: None" once filename is set, even to None).
+                if value is not None:
+                    attributes[name] = value
     attributes.update(getattr(exc, "__dict__", {}))
     packed = {}
     for name, value in attributes.items():

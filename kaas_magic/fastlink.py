@@ -317,6 +317,10 @@ class Server:
         except (ConnectionError, OSError):  # the client went away mid-reply
             pass
         finally:
+            # shutdown, not only close: the supervisor holds a copy of the socket, and the
+            # client must see the link end now, not at its deadline.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             try:
                 sock.close()
             except OSError:

@@ -21,19 +21,26 @@ view where that is possible, and its changes are undone after it where it is not
 
 ``docs/isolation.md`` lists what is handled how, and what is not, with the tests that show it.
 
-How, cheaply (a warm call costs well under a millisecond; this adds a few microseconds):
+How, cheaply (a warm call costs about 0.15 ms; this adds a few microseconds):
 
 * The ``sys`` and ``warnings`` modules get a ``ModuleType`` subclass as their class (allowed
   since Python 3.5) whose properties answer the calling thread's call's own value; what a
-  cell assigns inside a call is kept in its call. C code (``print``, tracebacks) reads the
-  module dictionary, where a routed stream sends the text where the call's view says.
+  cell assigns inside a call is kept in its call. C code (``print``, tracebacks, the C
+  warnings machinery) reads ``sys.stdout`` from the module dictionary, where a routed stream
+  sends the text where the call's view says, and the warning filters as attributes.
 * A thread's call is a ``threading.local`` attribute, handed to the threads a call starts
   (``Thread.start``) and to the tasks it submits to executors (``ThreadPoolExecutor.submit``).
-* Settings changed through a function (``os.environ[...] =``, ``jax.config.update``,
-  ``locale.setlocale``) are tracked as they change: the call that changed one is known, and
-  its value from before is put back when the last call that changed it ends. Other settings
-  are compared at the start and end of each call (identity and length checks): one found
-  changed is put back to the worker's value once no call that may have changed it is running.
+* Settings changed through a function or an attribute of ``sys`` (``os.environ[...] =``,
+  ``jax.config.update``, ``locale.setlocale``, ``sys.setrecursionlimit``, ``gc.disable``,
+  ``sys.excepthook =`` ...) are tracked as they change, at no cost until one does: the call
+  that changed one is known, and the value from before is put back when the last call that
+  changed it ends. The few changed by mutating a list or an attribute elsewhere (``sys.path``,
+  the root logger, ``threading.excepthook``) are compared at the start and end of each call:
+  one found changed is put back to the worker's value once no call that may have changed it
+  is running.
+* A link thread enters a context of its own once and replaces it only when a call left a
+  context variable set; it moves back to the worker's directory only when a cell called
+  ``os.chdir``/``fchdir``/``umask``.
 """
 
 from __future__ import annotations

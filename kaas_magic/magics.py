@@ -42,7 +42,7 @@ def run_options(func):
             argument("--out", dest="outputs", metavar="NAMES", help="comma-separated names to bring back (default: the names the cell assigns)"),
             argument("--worker", "-w", metavar="ADDRESS", help="run on this worker (address or name)"),
             argument("--timeout", "-t", type=float, metavar="SECONDS",
-                     help="stop the cell after this many seconds (default: kaas.timeout)"),
+                     help="stop the cell after this many seconds (default: kaas.timeout, else kaas.limits.max-timeout)"),
             argument("--retries", type=int, default=0, metavar="N",
                      help="run again elsewhere if the worker dies (only if running twice is safe)"),
             argument("--keep", "-k", action="store_true",

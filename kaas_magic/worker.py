@@ -23,11 +23,9 @@ import collections
 import ctypes
 import faulthandler
 import functools
-import io
 import linecache
 import logging
 import os
-import pickle
 import random
 import signal
 import socket

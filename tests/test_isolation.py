@@ -162,10 +162,12 @@ def test_concurrent_redirect_stdout_captures_only_its_own_cell(pool, other, work
 
 
 def test_prints_from_threads_and_executors_a_cell_starts_are_its_own(pool, other, worker):
-    cell = (f"import concurrent.futures, threading, time\n"
+    # One write per line: print() writes its pieces apart, which threads printing at once interleave.
+    cell = (f"import concurrent.futures, sys, threading, time\n"
             f"t = threading.Thread(target=lambda: print('from a thread {{}}'.format(tag)))\nt.start()\nt.join()\n"
             f"with concurrent.futures.ThreadPoolExecutor(2) as ex:\n"
-            f"    list(ex.map(lambda i: (time.sleep({HOLD} / 2), print('from a pool', i, tag)), range(2)))\n")
+            f"    list(ex.map(lambda i: (time.sleep({HOLD} / 2), sys.stdout.write(f'from a pool {{i}} {{tag}}\\n')),"
+            f" range(2)))\n")
     a, b = overlapped(lambda: run(pool, cell, worker, inputs={"tag": "a"}),
                       lambda: run(other, cell, worker, inputs={"tag": "b"}))
     for tag, result in (("a", a), ("b", b)):
