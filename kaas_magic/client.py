@@ -19,7 +19,6 @@ import hashlib
 import concurrent.futures
 import io
 import itertools
-import os
 import pickle
 import random
 import socket
@@ -95,7 +94,6 @@ class Pool:
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._last_record: RunRecord | None = None
         self._counter = itertools.count(1)
-        self._pid = os.getpid()  # in every call id; getpid is a system call each time
         self._kernels: dict = {}  # kernels this client registered: name -> KernelSpec
         # Names this client on shared workers: its kept buffers are its own.
         self.client_id = uuid.uuid4().hex
@@ -514,7 +512,7 @@ class Pool:
         timeout, retries = check_call_options(kaas_config.get, timeout, retries,
                                               inputs if backend == "qiskit" and "kernel" in body else None)
         started_wall = time.time() - (time.perf_counter() - t_start)
-        call_id = f"{self._pid}-{next(self._counter)}-{random.getrandbits(24):06x}"
+        call_id = f"{self.client_id[:16]}-{next(self._counter)}"  # unique across clients and hosts
 
         route, service, waited, inputs = self._route_with_data(target, backend, fallback, worker, inputs)
         record = RunRecord(
