@@ -156,6 +156,34 @@ def _worker_rss(pool) -> dict[str, float]:
     }
 
 
+def settle(pool, workers: int, seconds: float = 240) -> None:
+    """Wait until the pool has ``workers`` ready workers that each answer a call, the same
+    ones twice, 3 s apart: a worker that is being replaced answers for a moment before it
+    exits (its last call's caller is told first)."""
+    deadline = time.monotonic() + seconds
+    seen: frozenset | None = None
+    while True:
+        try:
+            pool.refresh()
+            routes = [r for r in pool.routes() if r.ready]
+            if len(routes) == workers:
+                for route in routes:
+                    pool.run("ok = 1", "cpu", worker=route.address, stdout=io.StringIO(), timeout=30)
+                now = frozenset((r.address, r.incarnation) for r in routes)
+                if now == seen:
+                    return
+                seen = now
+                time.sleep(3)
+                continue
+        except Exception:  # noqa: BLE001 - a worker still dying or warming: look again
+            seen = None
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool did not get back to {workers} workers in {seconds:g} s")
+        time.sleep(0.5)
+
+
 def run_soak(pool, calls: int) -> tuple[list[str], dict]:
     quiet = io.StringIO()
     for i in range(min(500, calls)):  # caches, connections and allocators settle first
@@ -190,6 +218,8 @@ def main(args: argparse.Namespace) -> int:
         lines, totals = run_load(pool.scheduler_address, args.clients, args.seconds,
                                  security=pool.client.security, faults=args.faults)
         print("\n".join(lines), flush=True)
+        if args.faults:  # a worker the faults had replaced must be back before the soak
+            settle(pool, workers=2)
         soak_lines, _ = run_soak(pool, args.soak)
         print("\n".join(soak_lines), flush=True)
     finally:

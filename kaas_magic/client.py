@@ -222,8 +222,14 @@ class Pool:
         await pool.start()
         return pool
 
-    def _sync(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def _sync(self, coro, timeout: float = 60):
+        """Run ``coro`` on the client's event loop and wait for it, never forever."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise KaasError(f"the Dask client's event loop did not answer within {timeout:g} s") from None
 
     # -- routing table, refreshed in the background from the scheduler --
 

@@ -12,9 +12,10 @@ view where that is possible, and its changes are undone after it where it is not
   from the threads and executors it starts too), the working directory and umask (the link
   thread gets its own with ``unshare(CLONE_FS)``), context variables (each call runs in a
   fresh ``contextvars.Context``: NumPy's error state and print options, ``decimal``
-  contexts), ``warnings`` filters and ``showwarning`` (``catch_warnings`` included).
+  contexts), ``warnings`` filters and ``showwarning`` (``catch_warnings`` included), the
+  environment as Python code sees it (``os.environ``: an overlay per call).
 * **Restored** after the call that changed it (overlapping calls can see it meanwhile):
-  the environment, JAX's global flags, the locale, ``sys.path``, the root logger, hooks
+  the process's environment (what C code and child processes read), JAX's global flags, the locale, ``sys.path``, the root logger, hooks
   (``sys.excepthook`` ...), limits (recursion, switch interval, integer digits), the default
   socket timeout, the garbage collector's switch and thresholds, faulthandler's switch,
   trace and profile functions.
@@ -83,7 +84,7 @@ class _Call:
     gave to isolated attributes (``over``: module attribute name -> value)."""
 
     __slots__ = ("sink", "progress", "over", "done", "changed", "snap", "fs", "previous", "trace", "profile",
-                 "errstate")
+                 "errstate", "env")
 
     def __init__(self, sink, progress: bool = False):
         self.sink = sink
@@ -95,6 +96,7 @@ class _Call:
         self.fs = None  # the link thread's working directory, which the call's threads share
         self.previous = None
         self.trace = self.profile = self.errstate = None
+        self.env: dict | None = None  # variables this call set (or removed: _NO), seen by it alone
 
 
 def current_call() -> _Call | None:
@@ -421,33 +423,82 @@ def _put_back(call: _Call) -> None:
 
 
 class _TrackedEnviron(os._Environ):  # type: ignore[name-defined]
-    """os.environ, whose writes inside a call are undone when the call ends."""
+    """os.environ, of which each call sees its own version: what a cell sets or removes is
+    seen, from Python, by that call (and the threads it starts) alone, through an overlay
+    of its own. The process's environment, which C code and child processes read, takes the
+    change too while the call runs (so a library the cell loads sees it), and gets its value
+    from before back when the last call that changed it ends."""
 
-    def _read(self, key):
-        return os._Environ.get(self, key, _NO)
+    def _overlay(self) -> dict | None:
+        call = _current.call
+        return call.env if call is not None and not call.done else None
 
-    def _restore(self, key, value):
+    def _process_value(self, key):
+        return os._Environ.get(self, key, _NO)  # the worker's own view: the process's value
+
+    def _call_sets(self, key, value) -> bool:
+        """Inside a call: ``value`` (or _NO: removed) in the call's overlay and, until the
+        call ends, in the process's environment. False outside calls."""
+        call = _current.call
+        if call is None or call.done:
+            return False
+        read = lambda: self._process_value(key)  # noqa: E731
+
+        def restore(old):
+            if old is _NO:
+                os.unsetenv(key)
+            else:
+                os.putenv(key, old)
+
+        _call_changes(("env", key), read, restore)
+        if call.env is None:
+            call.env = {}
+        call.env[key] = value
         if value is _NO:
-            try:
-                os._Environ.__delitem__(self, key)
-            except KeyError:
-                pass
+            os.unsetenv(key)
         else:
-            os._Environ.__setitem__(self, key, value)
+            os.putenv(key, value)
+        return True
+
+    def __getitem__(self, key):
+        overlay = self._overlay()
+        if overlay and key in overlay:
+            value = overlay[key]
+            if value is _NO:
+                raise KeyError(key)
+            return value
+        return os._Environ.__getitem__(self, key)
+
+    def __iter__(self):
+        overlay = self._overlay()
+        if not overlay:
+            yield from os._Environ.__iter__(self)
+            return
+        for key in os._Environ.__iter__(self):
+            if key not in overlay:
+                yield key
+        yield from (key for key, value in overlay.items() if value is not _NO)
+
+    def __len__(self):
+        return sum(1 for _ in self) if self._overlay() else os._Environ.__len__(self)
+
+    def copy(self):
+        return dict(self)
 
     def __setitem__(self, key, value):
-        k = ("env", key)
-        if _call_changes(k, lambda: self._read(key), lambda v: self._restore(key, v)):
-            return os._Environ.__setitem__(self, key, value)
-        os._Environ.__setitem__(self, key, value)
-        _changed_outside(k, lambda: self._read(key))
+        self.encodekey(key), self.encodevalue(value)  # a str, or the TypeError os.environ raises
+        if not self._call_sets(key, value):
+            os._Environ.__setitem__(self, key, value)
+            _changed_outside(("env", key), lambda: self._process_value(key))
 
     def __delitem__(self, key):
-        k = ("env", key)
-        if _call_changes(k, lambda: self._read(key), lambda v: self._restore(key, v)):
-            return os._Environ.__delitem__(self, key)
+        if self._overlay() is not None or (_current.call is not None and not _current.call.done):
+            if key not in self:
+                raise KeyError(key)
+            self._call_sets(key, _NO)
+            return
         os._Environ.__delitem__(self, key)
-        _changed_outside(k, lambda: self._read(key))
+        _changed_outside(("env", key), lambda: self._process_value(key))
 
 
 def _track_environ() -> None:

@@ -86,6 +86,12 @@ class DeadlineBoard:
         self._free = list(range(slots - 1, -1, -1))  # pop() takes the lowest: slots in use stay few
         self._used = 0
         self._grow = threading.Lock()
+        # A cell that forks: its child (a copy of the call's thread) must not write on the
+        # worker's board, whose slots the worker meanwhile gives to other calls.
+        os.register_at_fork(after_in_child=self._detach)
+
+    def _detach(self) -> None:
+        self._view = memoryview(bytearray(len(self._view) * 8)).cast("d")
 
     def take(self, deadline: float) -> int:
         """A slot for a new call, holding ``deadline``; -1 when all are taken."""

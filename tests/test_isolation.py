@@ -247,11 +247,20 @@ def test_signal_handlers_cannot_be_set_from_a_cell(pool, other, worker):
 # --- process-wide settings: restored after the call that changed them -------------------
 
 
-def test_environment_variables_are_restored(pool, other, worker):
-    # One variable set, one removed (HOME: nothing in a call sets it again meanwhile).
-    restored_case(pool, other, worker, "os.environ['KAAS_ISOLATION_TEST'] = 'set'; del os.environ['HOME']",
-                  "(os.environ.get('KAAS_ISOLATION_TEST'), 'HOME' in os.environ)", ("set", False), (None, True),
+def test_environment_variables_are_the_cells_own(pool, other, worker):
+    # One variable set, one removed, as Python code sees them (os.environ, os.getenv, copies).
+    isolated_case(pool, other, worker, "os.environ['KAAS_ISOLATION_TEST'] = 'set'; del os.environ['HOME']",
+                  "(os.environ.get('KAAS_ISOLATION_TEST'), 'HOME' in os.environ, os.getenv('KAAS_ISOLATION_TEST'), "
+                  "'KAAS_ISOLATION_TEST' in dict(os.environ))", ("set", False, "set", True), (None, True, None, False),
                   setup="import os")
+
+
+def test_the_process_environment_takes_a_cells_variable_for_its_call_only(pool, other, worker):
+    # What C code and child processes read (the process's environment) sees the change during
+    # the call that made it, and has its value back after.
+    probe = "subprocess.run(['sh', '-c', 'echo ${KAAS_ISOLATION_TEST:-unset}'], capture_output=True, text=True).stdout"
+    restored_case(pool, other, worker, "os.environ['KAAS_ISOLATION_TEST'] = 'set'", probe, "set\n", "unset\n",
+                  setup="import os, subprocess")
 
 
 def test_logging_root_level_and_handlers_are_restored(pool, other, worker):
