@@ -26,7 +26,7 @@ class CallStream:
     FLUSH_S = 0.02
     MAX_PENDING = 8 * 2**20  # characters waiting to be sent, per call
 
-    def __init__(self, replier, loop=None):  # ``loop``: unused, kept for the caller's signature
+    def __init__(self, replier):
         self.replier = replier
         self._chunks: list[tuple[str, str]] = []
         self._pending = 0

@@ -47,15 +47,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.which == "kernels":
-        from .bench_kernels import main
+        from .bench.kernels import main
     elif args.which == "paper":
-        from .bench_paper import main
+        from .bench.paper import main
     elif args.which == "load":
-        from .bench_load import main
+        from .bench.load import main
 
         args.clients = args.clients or 3
     else:
-        from .bench import main
+        from .bench.overhead import main
 
     return main(args)
 

@@ -1,12 +1,17 @@
-"""Errors kaas-magic raises, and how a worker's exception is rebuilt in the notebook.
+"""Errors kaas-magic raises, and an exception's round trip from a worker to the notebook.
 
 Each error names what went wrong (the variable, the target, the worker) and carries a
 ``_render_traceback_`` so IPython shows our message instead of kaas-magic's own frames.
+
+A worker turns the exception a call raised into a payload with :func:`wrap_error` (its
+class, message, attributes and the traceback from the cell on); the notebook turns the
+payload back into an exception with :func:`rebuild_error`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import traceback
 import types
@@ -73,6 +78,18 @@ class SchedulerLost(SchedulerUnreachable):
 
 class PoolNotRunning(KaasError, RuntimeError):
     """An operation needs a pool and none is started or connected."""
+
+
+class KernelError(KaasError):
+    """A kernel is unknown, malformed, or could not be built."""
+
+
+class KernelArgumentError(KaasError, TypeError):
+    """A call's arguments do not match the kernel's signature."""
+
+
+class KernelCompileError(KernelError):
+    """The device compiler rejected the source; the message carries its log."""
 
 
 class RemoteError(Exception):
@@ -150,8 +167,40 @@ def set_attributes(exc: BaseException, state: dict) -> None:
             pass
 
 
-def rebuild_remote_exception(error: dict, *, worker: str, where: str) -> BaseException:
-    """Turn a worker's error payload into an exception of the original type.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def wrap_error(exc: BaseException, filename: str | None, source: str | None = None,
+               line_offset: int = 0) -> dict:
+    """What the client needs to rebuild ``exc`` (see exception_state): its type, message
+    and attributes, and the traceback from the cell's first frame on. The cell's own lines
+    are quoted from ``source``, this call's code: linecache holds whichever cell of that
+    name this worker compiled last (another notebook's In[3], say)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    start = next((i for i, f in enumerate(frames) if f.filename == filename), None)
+    frames = frames[start:] if start is not None else frames[-1:]
+    # kaas's own frames between the cell and a kernel say nothing to the user.
+    frames = [f for f in frames if not f.filename.startswith(_PACKAGE_DIR)] or frames[-1:]
+    cell_lines = source.splitlines() if source is not None else None
+
+    def line(frame) -> str | None:
+        if cell_lines is None or frame.filename != filename:
+            return frame.line
+        index = (frame.lineno or 0) - 1 - line_offset
+        return cell_lines[index].strip() if 0 <= index < len(cell_lines) else None
+
+    cls = type(exc)
+    return {
+        "type": cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}",
+        "message": str(exc),
+        "exception_only": traceback.format_exception_only(cls, exc),
+        "frames": [(f.filename, f.lineno, f.name, line(f)) for f in frames],
+        "state": exception_state(exc),
+    }
+
+
+def rebuild_error(error: dict, *, worker: str, where: str) -> BaseException:
+    """Turn a worker's error payload (see wrap_error) into an exception of the original type.
 
     The original exception instance is used when it unpickled; otherwise a stand-in class
     with the same name (a RemoteError subclass) so ``ename`` in a notebook still reads right.
@@ -183,3 +232,6 @@ def rebuild_remote_exception(error: dict, *, worker: str, where: str) -> BaseExc
     except (AttributeError, TypeError):  # exceptions with __slots__ and no __dict__
         pass
     return exc
+
+
+rebuild_remote_exception = rebuild_error  # an alias: kaas_magic.client imports this name

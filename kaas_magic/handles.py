@@ -8,19 +8,20 @@ notebook drops frees its buffer, and a worker under memory pressure drops its le
 recently used buffers first.
 
 On the wire a handle is only a :class:`HandleRef` (its id); the worker looks the id up in
-its :class:`BufferStore`, which is kept per client so no client sees another's buffers.
+its buffer store (see buffer_store), which is kept per client so no client sees another's
+buffers.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+from .buffer_store import BufferStore, Kept  # noqa: F401 (re-exported: the worker's side)
 from .errors import StaleHandleError
+
 
 @dataclass(frozen=True)
 class HandleRef:
@@ -132,86 +133,3 @@ def is_array(value: Any) -> bool:
         and hasattr(value, "nbytes")
         and hasattr(value, "shape")
     )
-
-
-# --- the worker side ---------------------------------------------------------------------
-
-
-@dataclass
-class Kept:
-    value: Any
-    device_id: str  # the device (warm context) whose memory holds it
-    nbytes: int
-
-
-class BufferStore:
-    """Buffers kept for clients on one worker, least recently used first.
-
-    Each device has a byte budget; storing past it evicts that device's least recently
-    used buffers. Ids of buffers that went away are remembered for a while, so that using
-    their handle says why.
-    """
-
-    def __init__(self, budget: Callable[[str], int]):
-        self._budget = budget  # device_id -> bytes allowed
-        self._buffers: collections.OrderedDict[tuple[str, str], Kept] = collections.OrderedDict()
-        self._gone: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, client: str, id: str, value: Any, device_id: str) -> None:
-        kept = Kept(value, device_id, int(getattr(value, "nbytes", 0)))
-        with self._lock:
-            self._buffers[(client, id)] = kept
-            self._evict_over_budget(device_id, keep=(client, id))
-
-    def get(self, client: str, id: str) -> Kept:
-        with self._lock:
-            kept = self._buffers.get((client, id))
-            if kept is not None:
-                self._buffers.move_to_end((client, id))
-                return kept
-            why = self._gone.get((client, id), "this worker never had it (the worker may have restarted)")
-        raise StaleHandleError(f"kept buffer {id} is not available: {why}")
-
-    def free(self, client: str, ids) -> int:
-        freed = 0
-        with self._lock:
-            for id in ids:
-                if self._buffers.pop((client, id), None) is not None:
-                    freed += 1
-                    self._forget((client, id), "it was freed")
-        return freed
-
-    def free_client(self, client: str) -> int:
-        with self._lock:
-            keys = [k for k in self._buffers if k[0] == client]
-            for key in keys:
-                del self._buffers[key]
-                self._forget(key, "its client closed the pool")
-            return len(keys)
-
-    def bytes_on(self, device_id: str) -> int:
-        with self._lock:
-            return sum(k.nbytes for k in self._buffers.values() if k.device_id == device_id)
-
-    def count(self) -> int:
-        return len(self._buffers)
-
-    def _evict_over_budget(self, device_id: str, keep: tuple[str, str]) -> None:
-        budget = self._budget(device_id)
-        used = sum(k.nbytes for k in self._buffers.values() if k.device_id == device_id)
-        for key in list(self._buffers):
-            if used <= budget:
-                break
-            kept = self._buffers[key]
-            if kept.device_id != device_id or key == keep:
-                continue
-            del self._buffers[key]
-            used -= kept.nbytes
-            self._forget(key, f"it was evicted under memory pressure (least recently used; "
-                              f"this device keeps at most {budget:,} bytes, kaas.keep.max-bytes)")
-
-    def _forget(self, key: tuple[str, str], why: str) -> None:
-        self._gone[key] = why
-        while len(self._gone) > 10_000:
-            self._gone.popitem(last=False)

@@ -37,28 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import KaasError
+from .backends import registry
+from .errors import KaasError, KernelArgumentError, KernelCompileError, KernelError  # noqa: F401 (re-exported)
 
-LANGUAGES = {
-    # language: (backend, default targets)
-    "opencl": ("opencl", ("fpga", "gpu", "cpu")),
-    "cuda": ("cupy", ("gpu",)),
-    "jax": ("jax", ("tpu", "gpu", "cpu")),
-    "qiskit": ("qiskit", ("qpu",)),
-}
+# language: (backend, default targets), as the backends declare them (their `languages`
+# and `targets`); a read-only view of the backend registry, filled on first use.
+LANGUAGES = registry.LANGUAGES
 EXTENSIONS = {".cl": "opencl", ".cu": "cuda", ".py": "jax", ".qasm": "qiskit"}
-
-
-class KernelError(KaasError):
-    """A kernel is unknown, malformed, or could not be built."""
-
-
-class KernelArgumentError(KaasError, TypeError):
-    """A call's arguments do not match the kernel's signature."""
-
-
-class KernelCompileError(KernelError):
-    """The device compiler rejected the source; the message carries its log."""
 
 
 @dataclass(frozen=True)

@@ -154,15 +154,17 @@ class KaasMagics(Magics):
     def _register(self, args, cell: str):
         import kaas_magic as kaas
 
-        from .targets import DEFAULT_BACKEND
+        from .backends import registry
 
-        language_of = {"cupy": "cuda", "opencl": "opencl", "jax": "jax", "qiskit": "qiskit"}
-        backend = args.backend or DEFAULT_BACKEND[args.target]
-        if backend not in language_of:
+        # A backend's kernels are in the first language it declares (see the registry).
+        backend = args.backend or registry.default_backend(args.target)
+        language = next(iter(registry.info(backend).languages), None)
+        if language is None:
+            able = [b.name for b in registry.infos() if b.languages and b.serves(args.target)]
             raise UsageError(f"kernels for {args.target} need a kernel backend: pass --backend "
-                             f"{' or '.join(b for b in language_of if b != 'qiskit')}")
+                             f"{' or '.join(able) or '(none installed serves it)'}")
         spec, record = kaas.pool().register(
-            cell, language_of[backend],
+            cell, language,
             signature=args.register if "(" in args.register else None,
             name=None if "(" in args.register else args.register,
             target=args.target, fallback=args.fallback, line_offset=1,

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import KaasUsageError
+from .errors import CallTimeout, KaasError, KaasUsageError
 from .supervisor import MARGIN_S, POLL_S
 
 logger = logging.getLogger("kaas_magic.stopping")
@@ -76,6 +76,18 @@ class RunningCall:
             if not self.in_user_code or self.thread is None:
                 return False
             return _raise_in_thread(self.thread, StopCall)
+
+
+def stop_error(call: RunningCall, worker: str, replaced: bool) -> BaseException:
+    """What the caller of a stopped call is told: why it stopped, and what became of its
+    worker (stopped in place, or replaced as it did not stop within GRACE_S)."""
+    how = (f"it did not stop within {GRACE_S:.0f} s, so worker {worker} is being replaced "
+           f"by a fresh one" if replaced else f"it was stopped in place on worker {worker}; the worker goes on")
+    if call.reason == "timeout":
+        return CallTimeout(f"the cell ran past its timeout of {call.timeout:g} s: {how}")
+    if call.reason == "caller gone":
+        return KaasError(f"its caller went away: {how}")
+    return KeyboardInterrupt(f"interrupted from the notebook: {how}")
 
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:

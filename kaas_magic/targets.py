@@ -1,8 +1,14 @@
-"""The five targets a user names, and which backend serves each by default."""
+"""The five targets a user names, and which backend serves each by default.
+
+The backends themselves (their names, what each serves, which is a target's default) are
+declared by each backend and listed by :mod:`kaas_magic.backends.registry`; the tables here
+read it when first used, so importing this module imports no backend.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 TARGETS: dict[str, str] = {
     # target: what it means to a user
@@ -13,15 +19,21 @@ TARGETS: dict[str, str] = {
     "cpu": "the worker's CPU through NumPy",
 }
 
-DEFAULT_BACKEND: dict[str, str] = {
-    "gpu": "cupy",
-    "tpu": "jax",
-    "fpga": "opencl",
-    "qpu": "qiskit",
-    "cpu": "numpy",
-}
 
-BACKENDS: tuple[str, ...] = ("numpy", "cupy", "jax", "opencl", "qiskit")
+def __getattr__(name: str):
+    # DEFAULT_BACKEND (target -> its default backend) and BACKENDS (every installed
+    # backend's name), made on first use: the registry module is imported only then.
+    if name in ("DEFAULT_BACKEND", "BACKENDS"):
+        from .backends import registry
+
+        value = registry.DEFAULT_BACKEND if name == "DEFAULT_BACKEND" else registry.Names()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+DEFAULT_BACKEND: Mapping[str, str]
+BACKENDS: Sequence[str]
 
 # What a Service's kind means:
 #   device     - the real thing (a CUDA GPU for gpu, a TPU for tpu, the CPU for cpu ...)
@@ -73,10 +85,14 @@ def check_target(target: str) -> str:
 
 
 def check_backend(backend: str | None) -> str | None:
-    if backend is not None and backend not in BACKENDS:
+    if backend is None:
+        return backend
+    from .backends import registry
+
+    if backend not in registry.Names():
         from .errors import KaasUsageError
 
         raise KaasUsageError(
-            f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
+            f"unknown backend {backend!r}; valid backends: {', '.join(registry.names())}"
         )
     return backend

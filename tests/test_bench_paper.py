@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from kaas_magic import bench_paper
-from kaas_magic.bench_paper import (
+from kaas_magic.bench import paper as bench_paper
+from kaas_magic.bench.paper import (
     CSV_COLUMNS, PHASES, TASKS, Completion, NaiveRun, Results, Settings, Sharing, Stream,
-    child_script, cold_env, reduction_pct, run_naive, settings_from_args, write_csv,
+    child_command, cold_env, reduction_pct, run_naive, settings_from_args, write_csv,
 )
 
 
@@ -96,19 +96,27 @@ def test_plot_writes_a_png(results, tmp_path):
 
 
 @pytest.mark.parametrize("target", list(TASKS))
-def test_every_child_script_compiles_with_its_kernel_pasted_in(target):
-    script = child_script(TASKS[target])
-    compile(script, f"<naive {target}>", "exec")
-    if TASKS[target].kernel == "matmul":
-        assert "void matmul" in script
-    assert all(f'_phase("{p}")' in script for p in PHASES)
+def test_every_child_program_compiles_and_gets_its_kernel_as_a_file(target, tmp_path):
+    task = TASKS[target]
+    program = task.child_path.read_text()
+    compile(program, str(task.child_path), "exec")
+    assert all(f'phase("{p}")' in program for p in PHASES) and "report(" in program
+    command = child_command(task, str(tmp_path))
+    assert command[:2] == [sys.executable, str(task.child_path)]
+    if task.kernel is None:
+        assert "--source" not in command
+    else:
+        source = command[command.index("--source") + 1]
+        assert source.startswith(str(tmp_path))
+        if task.kernel == "matmul":
+            assert "void matmul" in open(source).read()
 
 
 def test_naive_child_runs_cold_and_reports_its_phases(tmp_path):
     env = cold_env(str(tmp_path))
     assert env["POCL_CACHE_DIR"].startswith(str(tmp_path)) and env["XDG_CACHE_HOME"] == str(tmp_path)
     assert env["JAX_ENABLE_COMPILATION_CACHE"] == "false" and "JAX_COMPILATION_CACHE_DIR" not in env
-    run = run_naive(child_script(TASKS["cpu"]), "cpu")
+    run = run_naive(TASKS["cpu"])
     assert set(run.phases) == set(PHASES) and run.kind == "device"
     assert run.seconds > sum(run.phases.values())  # interpreter start-up and exit are on top
 

@@ -4,7 +4,7 @@ notebook's client (its normal call returns the right answer, with the process st
 starts from, and the pool has all its workers).
 
 Classes B and C are the same table `kaas bench load --faults` injects while other clients
-run (kaas_magic.bench_faults); classes A and D are here. Other members of each class are in
+run (kaas_magic.bench.faults); classes A and D are here. Other members of each class are in
 test_trust, test_isolation, test_faults, test_bind, test_cache_keys and test_security."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from kaas_magic import bench_faults
+from kaas_magic.bench import faults as bench_faults
 from kaas_magic.client import Pool
 from kaas_magic.errors import KaasError
 

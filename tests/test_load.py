@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kaas_magic.bench_load import SOAK_BOUND_MIB, run_load, run_soak
+from kaas_magic.bench.load import SOAK_BOUND_MIB, run_load, run_soak
 
 
 @pytest.mark.timeout(300)

@@ -32,9 +32,8 @@ class Offer:
 
 
 class Session:
-    """A warm context on one device. Subclasses override what their framework needs."""
-
-    injected: ClassVar[tuple[str, ...]] = ("xp", "device")
+    """A warm context on one device. Subclasses override what their framework needs.
+    What a session injects (``namespace()``) and compiles is declared on its Backend."""
 
     def __init__(self, offer: Offer, config: dict):
         self.offer = offer
@@ -90,7 +89,6 @@ class Session:
 
     # -- registered kernels: compiled once per (kernel, device, options), then warm --
 
-    languages: ClassVar[tuple[str, ...]] = ()
     # JAX compiles per input shape on a kernel's first call, not when it is built: such a
     # session reports how each call went from launch() (see launch_state).
     compiles_on_call: ClassVar[bool] = False
@@ -197,8 +195,19 @@ def compiled_key(spec) -> str:
 
 
 class Backend:
+    """A family of devices one framework drives. What it is, it says once, here, in class
+    attributes that :mod:`kaas_magic.backends.registry` reads (without discovering any
+    device): its ``name`` (as its ``kaas_magic.backends`` entry point is named), the kernel
+    ``languages`` its sessions build, the ``targets`` it can serve with the kinds of service
+    for each (in the order its kernels default to), the targets it is the ``default_for``,
+    and the names its sessions' ``namespace()`` puts in every cell (``injected``)."""
+
     name: ClassVar[str]
     session_class: ClassVar[type[Session]] = Session
+    languages: ClassVar[tuple[str, ...]] = ()
+    targets: ClassVar[dict[str, tuple[str, ...]]] = {}  # target: kinds (see targets.KINDS)
+    default_for: ClassVar[tuple[str, ...]] = ()
+    injected: ClassVar[tuple[str, ...]] = ("xp", "device")
 
     def __init__(self, config: dict):
         self.config = config
@@ -214,6 +223,10 @@ class Backend:
         return (offer.service.index, repr(sorted(offer.detail.items())))
 
     def open(self, offer: Offer) -> Session:
+        service = offer.service
+        if service.backend != self.name or service.kind not in dict(self.targets).get(service.target, ()):
+            raise ValueError(f"backend {self.name!r} offered {service.label()} ({service.resource}), "
+                             f"which its declared targets do not include: {dict(self.targets)}")
         key = self.device_key(offer)
         warm = self._warm.get(key)
         if warm is not None:
@@ -248,12 +261,4 @@ def try_convert(convert, value: Any) -> Any:
         return value
 
 
-def map_containers(value: Any, convert) -> Any:
-    """Apply ``convert`` to ``value`` and, one level down, to list/tuple/dict members."""
-    if isinstance(value, list):
-        return [convert(v) for v in value]
-    if isinstance(value, tuple) and type(value) is tuple:
-        return tuple(convert(v) for v in value)
-    if isinstance(value, dict) and type(value) is dict:
-        return {k: convert(v) for k, v in value.items()}
-    return convert(value)
+from ..containers import map_containers  # noqa: E402,F401 (its home: kaas_magic.containers)

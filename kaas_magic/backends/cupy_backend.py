@@ -12,8 +12,6 @@ from .base import Backend, Offer, Session, map_containers
 
 
 class CupySession(Session):
-    injected = ("xp", "device", "cupy")
-
     @property
     def index(self) -> int:
         return self.offer.service.index
@@ -42,8 +40,6 @@ class CupySession(Session):
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
-
-    languages = ("cuda",)
 
     # CuPy keeps compiled kernels in CUPY_CACHE_DIR (inside the kaas cache folder); a
     # marker beside them says this kernel was compiled for this device before, so the
@@ -173,6 +169,10 @@ def missing_kernel_error(spec, detail: str = ""):
 class CupyBackend(Backend):
     name = "cupy"
     session_class = CupySession
+    languages = ("cuda",)
+    targets = {"gpu": ("device",)}
+    default_for = ("gpu",)
+    injected = ("xp", "device", "cupy")
 
     def discover(self) -> list[Offer]:
         try:

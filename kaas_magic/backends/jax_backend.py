@@ -44,8 +44,6 @@ def _enable_persistent_cache(folder: str) -> None:
 
 
 class JaxSession(Session):
-    injected = ("xp", "device", "jax")
-
     def _jax_device(self):
         jax = _import_jax()
         platform = self.offer.detail["platform"]
@@ -74,7 +72,6 @@ class JaxSession(Session):
         jax = _import_jax()
         jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
 
-    languages = ("jax",)
     compiles_on_call = True
 
     def build(self, spec):
@@ -132,6 +129,10 @@ class JaxSession(Session):
 class JaxBackend(Backend):
     name = "jax"
     session_class = JaxSession
+    languages = ("jax",)
+    targets = {"tpu": ("device", "fallback"), "gpu": ("device",), "cpu": ("device",)}
+    default_for = ("tpu",)
+    injected = ("xp", "device", "jax")
 
     def discover(self) -> list[Offer]:
         try:

@@ -23,6 +23,9 @@ class NumpySession(Session):
 class NumpyBackend(Backend):
     name = "numpy"
     session_class = NumpySession
+    targets = {"cpu": ("device",), "gpu": ("fallback",)}
+    default_for = ("cpu",)
+    injected = ("xp", "device")
 
     def discover(self) -> list[Offer]:
         cpu = cpu_name()

@@ -16,8 +16,6 @@ _WARM_UP_SOURCE = "__kernel void kaas_warm(__global float *a) { a[get_global_id(
 
 
 class OpenCLSession(Session):
-    injected = ("xp", "device", "cl", "cl_array", "ctx", "queue")
-
     def warm_up(self) -> None:
         import numpy
         import pyopencl as cl
@@ -61,8 +59,6 @@ class OpenCLSession(Session):
 
     def synchronize(self, values: list[Any]) -> None:
         self.queue.finish()
-
-    languages = ("opencl",)
 
     def _binary_key(self, spec) -> str:
         return binary_key(self.context.devices[0], spec)
@@ -274,6 +270,10 @@ def binary_key(device, spec) -> str:
 class OpenCLBackend(Backend):
     name = "opencl"
     session_class = OpenCLSession
+    languages = ("opencl",)
+    targets = {"fpga": ("device", "fallback"), "gpu": ("device",), "cpu": ("device",)}
+    default_for = ("fpga",)
+    injected = ("xp", "device", "cl", "cl_array", "ctx", "queue")
 
     def discover(self) -> list[Offer]:
         try:

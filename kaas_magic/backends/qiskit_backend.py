@@ -49,8 +49,6 @@ class _Prepared:
 
 
 class QiskitSession(Session):
-    injected = ("xp", "device", "run", "backend", "transpile")
-
     _CACHE_SIZE = 256
 
     def warm_up(self) -> None:
@@ -208,8 +206,6 @@ class QiskitSession(Session):
             result = self._sampler.run([transpiled], shots=shots).result()
             return dict(result[0].join_data().get_counts())
         return dict(self.backend.run(transpiled, shots=shots).result().get_counts())
-
-    languages = ("qiskit",)
 
     def load_or_build(self, spec) -> tuple[Any, str]:
         """OpenQASM: the circuit, transpiled now (or loaded transpiled from the disk cache).
@@ -438,6 +434,10 @@ def _target_fingerprint(backend) -> str:
 class QiskitBackend(Backend):
     name = "qiskit"
     session_class = QiskitSession
+    languages = ("qiskit",)
+    targets = {"qpu": ("device", "simulator")}
+    default_for = ("qpu",)
+    injected = ("xp", "device", "run", "backend", "transpile")
 
     def discover(self) -> list[Offer]:
         qpu = self.config.get("qpu", {})

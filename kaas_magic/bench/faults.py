@@ -69,7 +69,7 @@ def _vanishing_caller(pool) -> None:
 
 
 def _caller_that_is_killed(address: str, security) -> None:
-    from .client import Pool
+    from ..client import Pool
 
     pool = Pool.connect(address, security=security)
     pool.run("import time\ntime.sleep(120)", "cpu", stdout=io.StringIO(), outputs=[])
@@ -118,7 +118,7 @@ state = (_os.getcwd(), _os.environ.get('KAAS_FAULT'), type(_sys.stdout).__name__
 
 def inject(address: str, security, seconds: float, results) -> None:
     """The fault client, in its own process: a random fault at a time until time is up."""
-    from .client import Pool
+    from ..client import Pool
 
     pool = Pool.connect(address, security=security)
     table = faults()

@@ -15,9 +15,6 @@ import argparse
 import contextlib
 import io
 import multiprocessing
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -26,7 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-WARMUP = 20
+from .common import WARMUP, header
+
 SMALL, LARGE = "small", "1 MiB"
 Call = Callable[[], Any]
 
@@ -161,19 +159,6 @@ def _pipe_calls(conn, arr: np.ndarray) -> dict[str, Call]:
 
 # --- report ---------------------------------------------------------------------------
 
-def _header(n: int) -> list[str]:
-    import dask
-    import distributed
-
-    argv = getattr(sys, "orig_argv", sys.argv)
-    return [
-        f"command: {shlex.join(argv)}",
-        f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}",
-        f"python {platform.python_version()}, dask {dask.__version__}, distributed {distributed.__version__}",
-        f"{n} timed calls per row after {WARMUP} warm-up calls; times in ms (time.perf_counter)",
-    ]
-
-
 def _table(rows: list[Row], markdown: bool) -> list[str]:
     base = {(r.path, r.payload): r.median_ms for r in rows}
     head = ["path", "payload", "median ms", "p99 ms", "vs Dask actor", "vs Pipe"]
@@ -216,7 +201,7 @@ def _run_all(args: argparse.Namespace, arr: np.ndarray, cleanup: list[Callable[[
     import kaas_magic
     from IPython.core.interactiveshell import InteractiveShell
 
-    from .client import Pool
+    from ..client import Pool
 
     n = args.calls
     print("starting the kaas pool (2 workers) ...", file=sys.stderr, flush=True)
@@ -255,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"kaas bench: unknown benchmark {args.which!r}")
     arr = np.random.default_rng(0).random(2**18, dtype=np.float32)  # 2**18 * 4 B = 1 MiB
     cleanup: list[Callable[[], None]] = []
-    print("\n".join(_header(args.calls)), flush=True)
+    print("\n".join(header(args.calls)), flush=True)
     try:
         rows = _run_all(args, arr, cleanup)
     finally:

@@ -19,8 +19,8 @@ from collections import Counter
 
 import numpy as np
 
-from .bench import _header
-from .bench_faults import CLEAN_STATE_CELL
+from .common import header
+from .faults import CLEAN_STATE_CELL
 
 # Task kinds: (name, how to run it on a pool, how to check the result).
 KINDS = ("cpu numpy", "fpga kernel", "tpu jax", "qpu circuit")
@@ -60,7 +60,7 @@ def _one_call(pool, kind: str, tag: int, baseline: dict | None = None):
 
 def _client(address: str, security, client_index: int, seconds: float, results) -> None:
     """One notebook client in its own process: mixed tasks until time is up."""
-    from .client import Pool
+    from ..client import Pool
 
     pool = Pool.connect(address, security=security)
     baseline: dict = {}
@@ -95,7 +95,7 @@ def run_load(address: str, clients: int, seconds: float, security=None,
     procs = [ctx.Process(target=_client, args=(address, security, i, seconds, results)) for i in range(clients)]
     injector = None
     if faults:
-        from .bench_faults import inject
+        from .faults import inject
 
         fault_results = ctx.Queue()
         injector = ctx.Process(target=inject, args=(address, security, seconds, fault_results))
@@ -134,7 +134,7 @@ def run_load(address: str, clients: int, seconds: float, security=None,
         f"  every client reported: {totals['reported_clients'] == clients}",
     ]
     if fault_report is not None:
-        from .bench_faults import summary
+        from .faults import summary
 
         fault_lines, totals["faults_unexpected"] = summary(fault_report)
         lines += fault_lines
@@ -208,9 +208,9 @@ def run_soak(pool, calls: int) -> tuple[list[str], dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .client import Pool
+    from ..client import Pool
 
-    print("\n".join(_header(args.calls)[:3]), flush=True)  # command, machine, versions
+    print("\n".join(header(args.calls)[:3]), flush=True)  # command, machine, versions
     print("starting the kaas pool (2 workers) ...", file=sys.stderr, flush=True)
     pool = Pool.start(2)
     try:

@@ -29,12 +29,13 @@ import struct
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 
-from .bench import WARMUP, _header
-from .fastlink import tune
+from ..fastlink import tune
+from .common import WARMUP, header
 
 SMALL_N = 100_000
 CHAIN_N = 4 * 2**20  # 16 MiB of float32
@@ -66,7 +67,7 @@ class InProcess:
     def __init__(self):
         import pyopencl as cl
 
-        from .kernelspec import load_library, scalar_arg_dtypes
+        from ..kernelspec import load_library, scalar_arg_dtypes
 
         platform = next(p for p in cl.get_platforms() if "Portable" in p.name)
         self.ctx = cl.Context(platform.get_devices(cl.device_type.CPU)[:1])
@@ -184,16 +185,133 @@ class MoveFloor:
             shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
+def _met(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def _measure_vector_add(pool, call: Callable, local: InProcess, a: np.ndarray, b: np.ndarray,
+                        n: int) -> dict[str, Any]:
+    """A warm vector_add against the in-process floor plus moving its arguments, then the
+    same call on inputs kept on the device."""
+    # The floor moves the bytes over the transport kaas used for these calls; the other
+    # transport is measured too, for reference.
+    transport = pool.transport(pool.last_run().worker)
+    other = "tcp" if transport == "unix" else "unix"
+    links = {family: MoveFloor(family) for family in (transport, other)}
+    try:
+        print("  measuring vector_add ...", file=sys.stderr, flush=True)
+        floor_ms, move_ms, warm_ms, other_ms = _interleaved_ms([
+            lambda: local.vector_add(local.upload(a), local.upload(b)).get(),
+            lambda: links[transport].round_trip([a, b], a.nbytes),
+            lambda: call("vector_add", a, b),
+            lambda: links[other].round_trip([a, b], a.nbytes),
+        ], n)
+    finally:
+        for link in links.values():
+            link.close()
+    floor, move, warm, move_other = (statistics.median(t) for t in (floor_ms, move_ms, warm_ms, other_ms))
+    # Paired round by round: the overhead of each round's call over that round's floor.
+    over = statistics.median(w - f - m for w, f, m in zip(warm_ms, floor_ms, move_ms))
+    ka, kb = pool.put(a, "fpga", fallback=True), pool.put(b, "fpga", fallback=True)
+    da, db = local.upload(a), local.upload(b)
+    kept, kept_floor = _interleaved_medians_ms(
+        [lambda: call("vector_add", ka, kb, keep=True), lambda: (local.vector_add(da, db), local.queue.finish())], n)
+    return dict(transport=transport, other=other, floor=floor, move=move, warm=warm, move_other=move_other,
+                over=over, kept=kept, kept_floor=kept_floor)
+
+
+def _measure_chain(pool, call: Callable, local: InProcess, ca: np.ndarray, cb: np.ndarray,
+                   n: int) -> dict[str, Any]:
+    """vector_add -> saxpy -> reduce_sum from data on the device: with keep, in one cell,
+    in-process by hand and without keep; each checked, then timed in rounds."""
+    print("  measuring the 3-kernel chain on 16 MiB ...", file=sys.stderr, flush=True)
+    expected = float(np.sum(2.0 * (ca.astype(np.float64) + cb) + cb))
+    kca, kcb = pool.put(ca, "fpga", fallback=True), pool.put(cb, "fpga", fallback=True)
+    dca, dcb = local.upload(ca), local.upload(cb)
+    sink = io.StringIO()
+
+    def chain_keep():
+        total = call("vector_add", kca, kcb, keep=True)
+        scaled = call("saxpy", 2.0, total, kcb, keep=True)
+        return call("reduce_sum", scaled)
+
+    def chain_in_one_cell():
+        cell = "s = kernels.reduce_sum(kernels.saxpy(2.0, kernels.vector_add(a, b), b))"
+        return pool.run(cell, "fpga", inputs={"a": kca, "b": kcb}, fallback=True, stdout=sink).outputs["s"]
+
+    def chain_local():
+        return local.reduce_sum(local.saxpy(2.0, local.vector_add(dca, dcb), dcb))
+
+    def chain_no_keep():
+        total = call("vector_add", ca, cb)
+        scaled = call("saxpy", 2.0, total, cb)
+        return call("reduce_sum", scaled)
+
+    for chain in (chain_keep, chain_in_one_cell, chain_local, chain_no_keep):
+        got = float(chain())
+        if abs(got - expected) > 1e-3 * abs(expected):
+            raise RuntimeError(f"{chain.__name__} gave {got}, expected {expected}")
+    chains = _interleaved_ms([chain_keep, chain_in_one_cell, chain_local, chain_no_keep], n)
+    t_keep, t_cell, t_local, t_no_keep = (statistics.median(t) for t in chains)
+    # Ratios paired round by round, like the overhead of vector_add.
+    r_keep, r_cell, r_no_keep = (statistics.median(x / local for x, local in zip(t, chains[2]))
+                                 for t in (chains[0], chains[1], chains[3]))
+    return dict(t_keep=t_keep, t_cell=t_cell, t_local=t_local, t_no_keep=t_no_keep,
+                r_keep=r_keep, r_cell=r_cell, r_no_keep=r_no_keep)
+
+
+def _lines(f: SimpleNamespace) -> list[str]:
+    return [
+        f"device: {f.device}",
+        "",
+        f"vector_add, 1e5 float32 ({f.n} calls each, interleaved in rounds, median ms)",
+        f"  in-process by hand (PyOpenCL: upload, launch, download)   {f.floor:8.3f}",
+        f"  moving its arguments between processes (bare {f.transport} socket, as kaas) {f.move:8.3f}"
+        f"  (over {f.other}: {f.move_other:.3f})",
+        f"  kaas.call, warm                                           {f.warm:8.3f}",
+        f"  kaas overhead beyond floor + moving the arguments        {f.over:8.3f}"
+        f"  (median of the rounds' differences)"
+        f"  -> target (<= 1 ms) {_met(f.over <= 1.0)}",
+        f"  inputs kept on the device: kaas.call with handles, keep  {f.kept:8.3f}"
+        f"  (in-process launch alone {f.kept_floor:.3f})",
+        "",
+        f"chain vector_add -> saxpy -> reduce_sum on 16 MiB float32, inputs on the device "
+        f"({f.chain_n} runs each, interleaved in rounds, median ms)",
+        f"  in-process by hand                                        {f.t_local:8.3f}",
+        f"  kaas with keep (handles between the calls)                {f.t_keep:8.3f}"
+        f"  = {f.r_keep:.2f}x in-process -> target (<= 1.3x) {_met(f.r_keep <= 1.3)}",
+        f"  kaas, the three kernels in one %%kaas cell on the handles {f.t_cell:8.3f}  = {f.r_cell:.2f}x in-process",
+        f"  kaas without keep (every intermediate comes home)         {f.t_no_keep:8.3f}"
+        f"  = {f.r_no_keep:.2f}x in-process, {f.t_no_keep / f.t_keep:.1f}x with keep",
+        "  (ratios: median of the rounds' ratios to that round's in-process chain)",
+    ]
+
+
+def _markdown(f: SimpleNamespace) -> list[str]:
+    return [
+        "",
+        "| measurement | median ms | ratio / verdict |",
+        "|---|---:|---|",
+        f"| vector_add 1e5, in-process by hand (floor) | {f.floor:.3f} | |",
+        f"| moving its arguments (bare {f.transport} socket round trip, the transport kaas used) | {f.move:.3f} | |",
+        f"| vector_add 1e5, warm `kaas.call` | {f.warm:.3f} | overhead {f.over:.3f} ms: "
+        f"{_met(f.over <= 1.0)} (<= 1 ms) |",
+        f"| vector_add 1e5, inputs kept on the device | {f.kept:.3f} | |",
+        f"| 3-kernel chain 16 MiB, in-process | {f.t_local:.3f} | 1.00x |",
+        f"| 3-kernel chain 16 MiB, kaas with keep | {f.t_keep:.3f} | {f.r_keep:.2f}x: "
+        f"{_met(f.r_keep <= 1.3)} (<= 1.3x) |",
+        f"| 3-kernel chain 16 MiB, one `%%kaas` cell on the handles | {f.t_cell:.3f} | {f.r_cell:.2f}x |",
+        f"| 3-kernel chain 16 MiB, kaas without keep | {f.t_no_keep:.3f} | {f.r_no_keep:.2f}x |",
+    ]
+
+
 def run(args: argparse.Namespace) -> list[str]:
-    from .client import Pool
+    from ..client import Pool
 
     rng = np.random.default_rng(0)
     a, b = rng.random(SMALL_N, dtype=np.float32), rng.random(SMALL_N, dtype=np.float32)
     ca, cb = rng.random(CHAIN_N, dtype=np.float32), rng.random(CHAIN_N, dtype=np.float32)
-    expected_chain = float(np.sum(2.0 * (ca.astype(np.float64) + cb) + cb))
     n, chain_n = args.calls, max(10, args.calls // 5)
-    sink = io.StringIO()
-    lines: list[str] = []
 
     print("starting the kaas pool (1 worker) ...", file=sys.stderr, flush=True)
     pool = Pool.start(1)
@@ -201,108 +319,17 @@ def run(args: argparse.Namespace) -> list[str]:
         pool.wait_ready()
         call = lambda name, *xs, **kw: pool.call(name, *xs, target="fpga", fallback=True, **kw)  # noqa: E731
         np.testing.assert_allclose(call("vector_add", a, b), a + b, rtol=1e-6)
-        device = pool.last_run().label()
+        figures = SimpleNamespace(device=pool.last_run().label(), n=n, chain_n=chain_n)
         local = InProcess()
         np.testing.assert_allclose(local.vector_add(local.upload(a), local.upload(b)).get(), a + b, rtol=1e-6)
-
-        # The floor moves the bytes over the transport kaas used for these calls; the other
-        # transport is measured too, for reference.
-        transport = pool.transport(pool.last_run().worker)
-        other = "tcp" if transport == "unix" else "unix"
-        links = {family: MoveFloor(family) for family in (transport, other)}
-        try:
-            print("  measuring vector_add ...", file=sys.stderr, flush=True)
-            floor_ms, move_ms, warm_ms, other_ms = _interleaved_ms([
-                lambda: local.vector_add(local.upload(a), local.upload(b)).get(),
-                lambda: links[transport].round_trip([a, b], a.nbytes),
-                lambda: call("vector_add", a, b),
-                lambda: links[other].round_trip([a, b], a.nbytes),
-            ], n)
-        finally:
-            for link in links.values():
-                link.close()
-        floor, move, warm, move_other = (statistics.median(t) for t in (floor_ms, move_ms, warm_ms, other_ms))
-        # Paired round by round: the overhead of each round's call over that round's floor.
-        over = statistics.median(w - f - m for w, f, m in zip(warm_ms, floor_ms, move_ms))
-        ka, kb = pool.put(a, "fpga", fallback=True), pool.put(b, "fpga", fallback=True)
-        da, db = local.upload(a), local.upload(b)
-        kept, kept_floor = _interleaved_medians_ms(
-            [lambda: call("vector_add", ka, kb, keep=True), lambda: (local.vector_add(da, db), local.queue.finish())], n)
-
-        print("  measuring the 3-kernel chain on 16 MiB ...", file=sys.stderr, flush=True)
-        kca, kcb = pool.put(ca, "fpga", fallback=True), pool.put(cb, "fpga", fallback=True)
-        dca, dcb = local.upload(ca), local.upload(cb)
-
-        def chain_keep():
-            total = call("vector_add", kca, kcb, keep=True)
-            scaled = call("saxpy", 2.0, total, kcb, keep=True)
-            return call("reduce_sum", scaled)
-
-        def chain_in_one_cell():
-            cell = "s = kernels.reduce_sum(kernels.saxpy(2.0, kernels.vector_add(a, b), b))"
-            return pool.run(cell, "fpga", inputs={"a": kca, "b": kcb}, fallback=True, stdout=sink).outputs["s"]
-
-        def chain_local():
-            return local.reduce_sum(local.saxpy(2.0, local.vector_add(dca, dcb), dcb))
-
-        def chain_no_keep():
-            total = call("vector_add", ca, cb)
-            scaled = call("saxpy", 2.0, total, cb)
-            return call("reduce_sum", scaled)
-
-        for chain in (chain_keep, chain_in_one_cell, chain_local, chain_no_keep):
-            got = float(chain())
-            if abs(got - expected_chain) > 1e-3 * abs(expected_chain):
-                raise RuntimeError(f"{chain.__name__} gave {got}, expected {expected_chain}")
-        chains = _interleaved_ms([chain_keep, chain_in_one_cell, chain_local, chain_no_keep], chain_n)
-        t_keep, t_cell, t_local, t_no_keep = (statistics.median(t) for t in chains)
-        # Ratios paired round by round, like the overhead above.
-        r_keep, r_cell, r_no_keep = (statistics.median(x / local for x, local in zip(t, chains[2]))
-                                     for t in (chains[0], chains[1], chains[3]))
+        vars(figures).update(_measure_vector_add(pool, call, local, a, b, n))
+        vars(figures).update(_measure_chain(pool, call, local, ca, cb, chain_n))
     finally:
         pool.close()
-
-    lines += [
-        f"device: {device}",
-        "",
-        f"vector_add, 1e5 float32 ({n} calls each, interleaved in rounds, median ms)",
-        f"  in-process by hand (PyOpenCL: upload, launch, download)   {floor:8.3f}",
-        f"  moving its arguments between processes (bare {transport} socket, as kaas) {move:8.3f}"
-        f"  (over {other}: {move_other:.3f})",
-        f"  kaas.call, warm                                           {warm:8.3f}",
-        f"  kaas overhead beyond floor + moving the arguments        {over:8.3f}"
-        f"  (median of the rounds' differences)"
-        f"  -> target (<= 1 ms) {'MET' if over <= 1.0 else 'NOT MET'}",
-        f"  inputs kept on the device: kaas.call with handles, keep  {kept:8.3f}"
-        f"  (in-process launch alone {kept_floor:.3f})",
-        "",
-        f"chain vector_add -> saxpy -> reduce_sum on 16 MiB float32, inputs on the device ({chain_n} runs each, interleaved in rounds, median ms)",
-        f"  in-process by hand                                        {t_local:8.3f}",
-        f"  kaas with keep (handles between the calls)                {t_keep:8.3f}"
-        f"  = {r_keep:.2f}x in-process -> target (<= 1.3x) {'MET' if r_keep <= 1.3 else 'NOT MET'}",
-        f"  kaas, the three kernels in one %%kaas cell on the handles {t_cell:8.3f}  = {r_cell:.2f}x in-process",
-        f"  kaas without keep (every intermediate comes home)         {t_no_keep:8.3f}"
-        f"  = {r_no_keep:.2f}x in-process, {t_no_keep / t_keep:.1f}x with keep",
-        "  (ratios: median of the rounds' ratios to that round's in-process chain)",
-    ]
-    if args.markdown:
-        lines += [
-            "",
-            "| measurement | median ms | ratio / verdict |",
-            "|---|---:|---|",
-            f"| vector_add 1e5, in-process by hand (floor) | {floor:.3f} | |",
-            f"| moving its arguments (bare {transport} socket round trip, the transport kaas used) | {move:.3f} | |",
-            f"| vector_add 1e5, warm `kaas.call` | {warm:.3f} | overhead {over:.3f} ms: {'MET' if over <= 1.0 else 'NOT MET'} (<= 1 ms) |",
-            f"| vector_add 1e5, inputs kept on the device | {kept:.3f} | |",
-            f"| 3-kernel chain 16 MiB, in-process | {t_local:.3f} | 1.00x |",
-            f"| 3-kernel chain 16 MiB, kaas with keep | {t_keep:.3f} | {r_keep:.2f}x: {'MET' if r_keep <= 1.3 else 'NOT MET'} (<= 1.3x) |",
-            f"| 3-kernel chain 16 MiB, one `%%kaas` cell on the handles | {t_cell:.3f} | {r_cell:.2f}x |",
-            f"| 3-kernel chain 16 MiB, kaas without keep | {t_no_keep:.3f} | {r_no_keep:.2f}x |",
-        ]
-    return lines
+    return _lines(figures) + (_markdown(figures) if args.markdown else [])
 
 
 def main(args: argparse.Namespace) -> int:
-    print("\n".join(_header(args.calls)), flush=True)
+    print("\n".join(header(args.calls)), flush=True)
     print("\n".join(run(args)))
     return 0

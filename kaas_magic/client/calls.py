@@ -1,0 +1,466 @@
+"""The call path: one call from the notebook to a warm worker and back.
+
+1. route (see :mod:`.router`; a call with kept inputs goes where they are);
+2. serialise the inputs, refusing by name any that cannot travel;
+3. take a direct link to the worker (see :mod:`kaas_magic.fastlink`), send, relay the
+   streamed print output as it arrives, and read the reply, all in the calling thread;
+4. rebuild outputs, or the cell's exception with the cell's line numbers, and a RunRecord
+   saying where the time went.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import pickle
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TextIO
+
+from .. import config as kaas_config
+from .. import serial
+from ..errors import (
+    CallTimeout,
+    KaasError,
+    LinkBroken,
+    VariableNotSendable,
+    WorkerLost,
+    rebuild_remote_exception,
+)
+from ..handles import handles_in
+from ..record import RunRecord, Timings
+from ..stopping import REPLY_MARGIN_S, check_call_options, check_count, max_timeout
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, Any]
+    record: RunRecord
+    stdout: str = ""
+    stderr: str = ""
+
+    def __getitem__(self, name: str) -> Any:
+        return self.outputs[name]
+
+
+class CallPath:
+    """Sends calls for one pool: ``control`` routes and reaches workers outside the hot
+    path, ``links`` are the direct links, ``kept`` the pool's kept data."""
+
+    def __init__(self, control, links, kept, client_id: str, embedded: bool):
+        self.control = control
+        self.router = control.router
+        self.links = links
+        self.kept = kept
+        self.client_id = client_id
+        self.embedded = embedded
+        self.counter = itertools.count(1)
+        self.last_record: RunRecord | None = None
+
+    def run(self, code: str, target: str, inputs, outputs, filename, line_offset, kernels: dict, t_start: float, *,
+            backend, fallback, worker, stdout, stderr, keep, progress, timeout, retries) -> RunResult:
+        """Pool.run, once the pool is known usable: the cell's request, then :meth:`submit`."""
+        from ..cellcode import analyse
+
+        # Named by content, so that running the same code again hits the parse cache here
+        # and the compile cache on the worker.
+        filename = filename or f"<kaas-cell-{hashlib.blake2b(code.encode(), digest_size=8).hexdigest()}>"
+        line_offset = check_count(line_offset, "line_offset", 0, 10**6, "lines before a cell")
+        info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
+        body = {
+            "code": code, "filename": filename, "line_offset": line_offset,
+            "outputs_explicit": outputs is not None,
+            "kernels": [k.to_dict() for k in kernels.values()] if "kernels" in info.reads else [],
+        }
+        output_names = list(outputs) if outputs is not None else list(info.writes)
+        return self.submit(body, target, dict(inputs or {}), output_names,
+                           backend=backend, fallback=fallback, worker=worker, stdout=stdout, stderr=stderr,
+                           keep=keep, progress=progress, timeout=timeout, retries=retries, t_start=t_start)
+
+    def submit(self, body: dict, target: str, inputs: dict, output_names: list[str], *, backend, fallback,
+               worker, stdout, stderr, keep, progress, timeout, retries, t_start: float) -> RunResult:
+        """What run() and call() share: route, send, relay, rebuild, record. ``body`` says
+        what runs: cell code, or (from call()) one registered kernel."""
+        # Checked before anything is sent (a bad value must not switch a worker's safety
+        # off). Every call runs under a timeout: its own, kaas.timeout, or (None) the
+        # worker's kaas.limits.max-timeout.
+        timeout, retries = check_call_options(kaas_config.get, timeout, retries,
+                                              inputs if backend == "qiskit" and "kernel" in body else None)
+        started_wall = time.time() - (time.perf_counter() - t_start)
+        call_id = f"{self.client_id[:16]}-{next(self.counter)}"  # unique across clients and hosts
+
+        route, service, waited, inputs = self.kept.route_with_data(target, backend, fallback, worker, inputs)
+        record = RunRecord(
+            call_id=call_id, target=target, backend=service.backend, kind=service.kind,
+            worker=route.address, host=route.host, inputs=tuple(inputs),
+            started_at=started_wall,
+        )
+        t_routed = time.perf_counter()
+        report = progress or _ignore
+        report("queued", record)
+
+        report("sending", record)
+        serialized, record.bytes_in = _serialize_inputs(inputs)
+        t_serialized = time.perf_counter()
+
+        message = {
+            **body,
+            "service": service.resource,
+            "inputs": serialized,
+            "outputs": output_names,
+            "client": self.client_id,
+            "call_id": call_id,
+            "timeout": float(timeout) if timeout is not None else None,
+            "keep": keep,
+            "progress": progress is not None,
+            "free": self.kept.frees_for(route.address),
+        }
+        sent = self._send(message, record, report, (target, backend, fallback, worker), inputs, retries,
+                          stdout or sys.stdout, stderr or sys.stderr)
+        reply, out, sent_at, t_received = sent
+        if reply.get("worker_exiting"):
+            self.control.forget_worker(record.worker)
+
+        result_outputs, deserialize_time = {}, 0.0
+        if reply.get("ok"):
+            report("receiving", record)
+            t = time.perf_counter()
+            result_outputs, record.bytes_out, skipped = _deserialize_outputs(reply["outputs"])
+            record.skipped = {**reply.get("skipped", {}), **skipped}
+            for name, kept in (reply.get("kept") or {}).items():
+                result_outputs[name] = self.kept.handles(kept, record.worker, message["service"],
+                                                         reply.get("device", ""))
+            deserialize_time = time.perf_counter() - t
+        t_end = time.perf_counter()
+
+        record.timings = _timings(reply, (t_start, t_routed, t_serialized, t_received, t_end), sent_at,
+                                  deserialize_time)
+        record.device = reply.get("device", "")
+        record.kernels = dict(reply.get("kernels") or {})
+        record.cold = waited or reply["timings"]["warm_wait"] > 0.001
+        record.outputs = tuple(result_outputs)
+        record.ok = bool(reply.get("ok"))
+        self.last_record = record
+        if not record.ok:
+            error = reply["error"]
+            record.error = error["type"]
+            report("error", record)
+            raise _remote_exception(error, record)
+        report("done", record)
+        return RunResult(result_outputs, record, *out)
+
+    def _send(self, message: dict, record: RunRecord, report, where: tuple, inputs: dict, retries: int,
+              stdout: TextIO, stderr: TextIO):
+        """Send the call and wait for its reply; on a worker lost under it, route the call
+        again (``retries`` times: ``where`` is its target, backend, fallback and worker).
+        The record follows the worker."""
+        in_flight = self.router.in_flight
+        while True:
+            address = record.worker
+            in_flight[address] += 1
+            try:
+                sent_at = time.time()
+                reply, out = self.exchange(address, message, stdout, stderr, lambda state: report(state, record))
+                return reply, out, sent_at, time.perf_counter()
+            except WorkerLost as e:
+                if not self.embedded and not self.control.scheduler_answers():
+                    raise self.control.lost_scheduler_error() from e  # the worker went with its scheduler
+                # Kept inputs died with the worker: nothing to retry with.
+                if retries <= 0 or any(True for v in inputs.values() for _ in handles_in(v)):
+                    record.ok, record.error = False, type(e).__name__
+                    report("error", record)
+                    raise
+                retries -= 1
+                route, service = self.control.reroute_after_loss(address, *where)
+                record.worker, record.host = route.address, route.host
+                message["service"] = service.resource
+            except BaseException as e:
+                record.ok, record.error = False, type(e).__name__
+                report("cancelled" if isinstance(e, KeyboardInterrupt) else "error", record)
+                raise
+            finally:  # off the worker it was counted on (a reroute has changed record.worker)
+                in_flight[address] -= 1
+
+    def exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO,
+                 on_state: Callable[[str], None]):
+        """Send one call and relay its streamed output, in the caller's thread, over a
+        direct link to the worker (see fastlink): printing lands where the caller is (the
+        right notebook cell), and no event loop sits in the hot path."""
+        try:
+            endpoint = self.control.endpoint(address)
+            link = self.links.take(endpoint)
+        except Exception as e:
+            self.control.forget_worker(address)
+            raise WorkerLost(f"worker {address} cannot be reached ({type(e).__name__}: {e}); it may have died. "
+                             f"The pool replaces dead workers; calls on other workers go on") from e
+        relay = _OutputRelay(stdout, stderr, on_state)
+        call_id = message["call_id"]
+        # Nothing here waits for ever: past its timeout (without one, this notebook's
+        # kaas.limits.max-timeout) and the worker's and its supervisor's time to stop it,
+        # plus a few seconds, the call is given up (and the worker with it).
+        budget = message.get("timeout") or max_timeout(kaas_config.get("limits.max-timeout", None))
+        deadline = time.monotonic() + budget + REPLY_MARGIN_S
+        try:
+            link.sock.settimeout(budget + REPLY_MARGIN_S)
+            link.send(message)
+            while True:
+                reply = link.receive()
+                if not _answers(reply, call_id):
+                    raise _Mismatch(reply)
+                if reply.get("kind") != "stream":
+                    break
+                relay.write(reply["chunks"])
+                link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            link.sock.settimeout(None)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(self._cancel_remote(address, call_id, link)) from None
+        except _Mismatch as e:
+            link.close()
+            raise LinkBroken(
+                f"the link to worker {address} carried a reply that is not this call's ({e}); the link was "
+                f"dropped and nothing from it was used. The worker goes on serving; run the call again"
+            ) from None
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # the link, not our output
+            link.close()
+            if time.monotonic() > deadline - REPLY_MARGIN_S:  # past its timeout: the worker was stopped
+                self.control.forget_worker(address)
+                how = (f"did not answer within {REPLY_MARGIN_S:.0f} s more" if isinstance(e, TimeoutError)
+                       else "was stopped, as the code could not be stopped in place")
+                raise CallTimeout(f"the cell ran past its timeout of {budget:g} s and worker {address} {how}: "
+                                  f"the worker is being replaced by a fresh one") from None
+            raise self._link_failed(address, e) from e
+        self.links.give_back(endpoint, link)
+        if reply.get("kind") != "result":
+            raise KaasError(f"worker {address} could not accept the call: {reply.get('text')}")
+        return reply, relay.captured()
+
+    def transport(self, address: str) -> str:
+        """"unix" or "tcp": how calls reach worker ``address``."""
+        endpoint = self.control.endpoint(address)
+        link = self.links.take(endpoint)
+        try:
+            return "unix" if link.sock.family == getattr(socket, "AF_UNIX", None) else "tcp"
+        finally:
+            self.links.give_back(endpoint, link)
+
+    def _link_failed(self, address: str, error: BaseException) -> KaasError:
+        """A call's link broke. Only evidence that the worker is gone drops it from routing:
+        the scheduler no longer lists it, or a fresh connection to it fails. A link broken
+        for another reason (a peer's bad frame, a stalled send) costs this call only."""
+        gone = False
+        try:
+            self.control.sync(self.control.refresh_routes(), timeout=5)
+            gone = address not in {r.address for r in self.router.routes()}
+        except Exception:  # the scheduler is unreachable: judge by the worker alone
+            pass
+        if not gone:
+            try:
+                self.links.probe(self.control.endpoint(address))
+            except Exception:
+                gone = True
+        if gone:
+            self.control.forget_worker(address)
+            return WorkerLost(
+                f"worker {address} died (or became unreachable) while running this call "
+                f"({type(error).__name__}: {error}). The pool replaces dead workers and calls "
+                f"on other workers go on; add --retries N (retries=N) to run it again elsewhere "
+                f"if running it twice is safe")
+        return LinkBroken(
+            f"the link to worker {address} broke during this call ({type(error).__name__}: {error}); the worker "
+            f"is still in the pool and goes on serving, but this call's result is lost: run it again")
+
+    def _cancel_remote(self, address: str, call_id: str, link) -> str:
+        """The notebook was interrupted during a call: stop the code on the worker too, and
+        give it about a second to confirm before handing the interrupt back."""
+        try:
+            self.control.cancel(address, call_id)
+            reply = link.receive(timeout=1.5)
+            while isinstance(reply, dict) and reply.get("kind") == "stream":
+                reply = link.receive(timeout=1.5)
+            if isinstance(reply, dict) and reply.get("error"):
+                if reply.get("worker_exiting"):
+                    self.control.forget_worker(address)
+                return f"kaas: {reply['error']['message']}"
+        except Exception:  # unreachable worker or slow stop: the worker escalates by itself
+            pass
+        finally:
+            link.close()  # it may be mid-message: never reuse it
+        return f"kaas: interrupted; asked worker {address} to stop the cell"
+
+
+def cell_inputs(code: str, target: str, namespace: dict, inputs, exclude, options: dict, route) -> list[str]:
+    """The names Pool.run_cell sends: ``inputs``, or the names the cell reads that
+    ``namespace`` defines, less those the backend ``route`` picks injects and ``exclude``."""
+    from .. import backends
+    from ..cellcode import analyse
+
+    info = analyse(code, options.get("filename") or "<kaas-cell>", options.get("line_offset", 0))
+    if inputs is None:
+        _, service, _ = route(
+            target, options.get("backend"), options.get("fallback"), options.get("worker")
+        )
+        skip = set(backends.injected_names(service.backend)) | set(exclude)
+        return [n for n in sorted(info.reads) if n in namespace and n not in skip]
+    names = list(inputs)
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise KaasError(f"--in names variables that are not defined: {', '.join(missing)}")
+    return names
+
+
+def _timings(reply: dict, marks: tuple, sent_at: float, deserialize_time: float) -> Timings:
+    """Where the time went. On one host the wall clocks agree, so the wire time of each
+    direction is measured; across hosts it is split evenly."""
+    t_start, t_routed, t_serialized, t_received, t_end = marks
+    w = reply["timings"]
+    worker_span = reply["replied_at"] - reply["received_at"]
+    worker_phases = w["warm_wait"] + w["queue"] + w["setup"] + w["execute"] + w["to_host"]
+    wire = max(0.0, (t_received - t_serialized) - worker_span)
+    if reply.get("host") == _hostname():
+        wire_in = min(wire, max(0.0, reply["received_at"] - sent_at))
+    else:
+        wire_in = wire / 2
+    wire_out = wire - wire_in
+    return Timings(
+        queue=(t_routed - t_start) + w["queue"] + max(0.0, worker_span - worker_phases),
+        transfer_in=(t_serialized - t_routed) + wire_in,
+        setup=w["setup"] + w["warm_wait"],
+        execute=w["execute"],
+        transfer_out=w["to_host"] + wire_out + deserialize_time,
+        total=t_end - t_start,
+    )
+
+
+def _remote_exception(error: dict, record: RunRecord) -> BaseException:
+    exception = rebuild_remote_exception(
+        error, worker=record.worker, where=f"{record.target} on {record.label()}"
+    )
+    try:
+        exception.kaas_record = record  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return exception
+
+
+def _transfer_limits() -> tuple[int, int]:
+    """kaas.transfer's (max-bytes, max-message-bytes)."""
+    return (int(kaas_config.get("transfer.max-bytes", 2**31) or 2**31),
+            int(kaas_config.get("transfer.max-message-bytes", 2**32) or 2**32))
+
+
+def _serialize_inputs(inputs: Mapping[str, Any]):
+    limit, message_limit = _transfer_limits()
+    out, total = {}, 0
+    for name, value in inputs.items():
+        try:
+            ser = serial.dumps(value)
+        except Exception as e:
+            reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            raise VariableNotSendable(name, value, reason) from None
+        size = serial.nbytes(ser)
+        if size > limit:
+            raise VariableNotSendable(
+                name, value, f"it is {size:,} bytes, over the transfer limit of {limit:,} bytes "
+                f"(kaas.transfer.max-bytes)"
+            )
+        total += size
+        if total > message_limit:
+            raise VariableNotSendable(
+                name, value, f"with it the call's variables come to {total:,} bytes, over the limit of "
+                f"{message_limit:,} bytes for one call (kaas.transfer.max-message-bytes)")
+        out[name] = ser
+    return out, total
+
+
+def _deserialize_outputs(outputs: Mapping[str, Any]):
+    values, skipped, total = {}, {}, 0
+    for name, ser in outputs.items():
+        try:
+            total += serial.nbytes(ser)
+            values[name] = serial.loads(ser)
+        except Exception as e:
+            skipped[name] = f"could not be rebuilt in the notebook ({type(e).__name__}: {e})"
+    return values, total, skipped
+
+
+_HOST = None
+
+
+def _hostname() -> str:
+    global _HOST
+    if _HOST is None:
+        _HOST = socket.gethostname()
+    return _HOST
+
+
+def _ignore(state: str, record: RunRecord) -> None:
+    pass
+
+
+class _Mismatch(Exception):
+    """A reply on a link that does not answer the call waiting on it."""
+
+    def __init__(self, reply: Any):
+        got = reply.get("call_id") if isinstance(reply, dict) else type(reply).__name__
+        super().__init__(f"it answers call {got!r}")
+
+
+def _answers(reply: Any, call_id: str) -> bool:
+    """Whether ``reply`` belongs to the call ``call_id``. A refusal of a request the worker
+    could not even read names no call."""
+    if type(reply) is not dict:
+        return False
+    got = reply.get("call_id")
+    return got == call_id or (got is None and reply.get("kind") == "refused")
+
+
+class _OutputRelay:
+    """A call's streamed output, written where the caller prints as it arrives. A failure
+    here is the notebook's own (a stream that cannot encode a character, a closed stream,
+    a view that fails to update): it never breaks the link or blames the worker. Text a
+    stream cannot encode is written with backslash escapes; a stream that fails otherwise
+    is given up for this call (its text is still in the result)."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO, on_state: Callable[[str], None]):
+        self._streams: dict[str, TextIO | None] = {"stdout": stdout, "stderr": stderr}
+        self._on_state = on_state
+        self._text: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def write(self, chunks) -> None:
+        for name, text in chunks:
+            if name == "state":
+                try:
+                    self._on_state(text)
+                except Exception:  # noqa: BLE001 - a view's trouble is not the call's
+                    pass
+                continue
+            self._text[name].append(text)
+            stream = self._streams[name]
+            if stream is not None:
+                self._streams[name] = _write_or_give_up(stream, text)
+        for name, stream in self._streams.items():
+            if stream is not None:
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001
+                    self._streams[name] = None
+
+    def captured(self) -> tuple[str, str]:
+        return "".join(self._text["stdout"]), "".join(self._text["stderr"])
+
+
+def _write_or_give_up(stream: TextIO, text: str) -> TextIO | None:
+    try:
+        stream.write(text)
+        return stream
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+            return stream
+        except Exception:  # noqa: BLE001
+            return None
+    except Exception:  # noqa: BLE001 - closed or broken: stop writing to it
+        return None

@@ -1,0 +1,305 @@
+"""One call on a worker: a request in, a reply out.
+
+Runs in the thread serving the caller's link once the device's turn has come: builds the
+cell's namespace (a module of its own, the inputs unpacked, handles resolved to the
+buffers they name), runs the cell or the kernel, and sends home what it assigned, within
+the transfer limits; results asked to stay are kept as device buffers.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import functools
+import linecache
+import random
+import sys
+import threading
+import time
+import types
+from typing import Any
+
+import numpy as np
+
+from .. import isolation, serial
+from ..backends.base import Session
+from ..buffer_store import BufferStore
+from ..call_stream import CallStream
+from ..cellcode import padded
+from ..containers import map_containers
+from ..errors import DeviceOutOfMemory, KaasError, wrap_error
+from ..handles import HandleRef, is_array
+from ..isolation import report_state
+from ..stopping import RunningCall, StopCall, stop_error
+from .kernel_library import KernelLibrary
+from .kernel_namespace import KernelNamespace
+
+
+class Executor:
+    def __init__(self, worker, sessions: dict[str, Session], buffers: BufferStore, library: KernelLibrary,
+                 max_value_bytes: int, max_message_bytes: int):
+        self.worker = worker
+        self.sessions = sessions  # the runtime's, filled in as backends warm up
+        self.buffers = buffers
+        self.library = library
+        self.max_value_bytes = max_value_bytes  # kaas.transfer.max-bytes
+        self.max_message_bytes = max_message_bytes  # kaas.transfer.max-message-bytes
+        self._code_cache: collections.OrderedDict = collections.OrderedDict()
+        self._code_lock = threading.Lock()
+
+    def execute(self, session: Session, msg: dict, output: CallStream, call: RunningCall) -> dict:
+        """The reply to ``msg``, run on ``session``'s device; print output goes to ``output``."""
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        outputs: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        kept: dict[str, Any] = {}
+        error = None
+        kernels = None
+        client = msg.get("client", "")
+        scope = isolation.call_scope(output.write, bool(msg.get("progress"))).enter()
+        try:
+            if call.reason is not None:  # cancelled while it waited for its turn
+                raise StopCall()
+            report_state("running")
+            with session.activate():
+                kernels = KernelNamespace(self.library, session, msg.get("kernels") or (), self.worker)
+                namespace, module, code = self._namespace(session, msg, call, kernels, client)
+                t1 = time.perf_counter()
+                timings["setup"] = t1 - t0
+                try:
+                    self._run(session, msg, call, kernels, namespace, module, code)
+                finally:
+                    call.leave_user_code()
+                    t2 = time.perf_counter()
+                    timings["execute"] = t2 - t1
+                self._collect(session, msg, namespace, client, outputs, skipped, kept)
+                timings["to_host"] = time.perf_counter() - t2
+        except BaseException as e:
+            error = self._error(e, session, msg, call)
+            timings.setdefault("setup", time.perf_counter() - t0)
+            timings.setdefault("execute", 0.0)
+            timings.setdefault("to_host", 0.0)
+        finally:
+            scope.exit()  # what the cell changed of the process is put back (see isolation)
+        if error is not None:  # a failed call keeps nothing
+            self.buffers.free(client, [m["id"] for v in kept.values() for m in (v if isinstance(v, list) else [v])])
+            kept = {}
+        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "kept": kept,
+                "timings": timings, "kernels": kernels.states if kernels else {}}
+
+    def _namespace(self, session: Session, msg: dict, call: RunningCall, kernels: KernelNamespace,
+                   client: str) -> tuple[dict, types.ModuleType | None, types.CodeType | None]:
+        """The names the call runs with: for a cell, its module's namespace with the
+        session's names, ``kernels`` and ``to_device``; then the inputs, handles resolved."""
+        module = code = None
+        if "kernel" in msg:  # kaas.call: one registered kernel, its arguments by name
+            namespace = {}
+        else:  # a cell, in a module of its own that libraries can look up
+            code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
+            module = _cell_module(call.id)
+            namespace = module.__dict__
+            namespace.update(session.namespace())
+            namespace["kernels"] = kernels
+            namespace["to_device"] = session.to_device
+        for name, packed in msg["inputs"].items():
+            namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session)
+        return namespace, module, code
+
+    @staticmethod
+    def _run(session: Session, msg: dict, call: RunningCall, kernels: KernelNamespace, namespace: dict,
+             module: types.ModuleType | None, code: types.CodeType | None) -> None:
+        """The user's code, and its device work finished: outputs synchronised when they
+        stay, else copied home with it."""
+        call.enter_user_code()
+        if "kernel" in msg:
+            namespace["__result"] = kernels._invoke(msg["kernel"], namespace)
+        else:
+            # Registered while it runs (dataclasses, typing and pickle look a class's
+            # module up by name), gone after: nothing outlives the call.
+            sys.modules[module.__name__] = module
+            try:
+                exec(code, namespace)
+            finally:
+                sys.modules.pop(module.__name__, None)
+        names = [n for n in msg["outputs"] if n in namespace]
+        if msg.get("keep"):
+            session.synchronize([namespace[n] for n in names])
+        else:  # the device's work and the copies home, waited for at once
+            namespace.update(zip(names, session.download([namespace[n] for n in names])))
+        call.leave_user_code()
+
+    def _collect(self, session: Session, msg: dict, namespace: dict, client: str, outputs: dict,
+                 skipped: dict, kept: dict) -> None:
+        """The outputs into ``outputs`` (packed), ``kept`` (handles) or ``skipped`` (why not)."""
+        sent = 0  # bytes of outputs going home: bounded like the link (kaas.transfer)
+        for name in msg["outputs"]:
+            if name not in namespace:
+                if msg.get("outputs_explicit"):
+                    skipped[name] = "the cell did not assign it"
+                continue
+            if msg.get("keep") and _keepable(namespace[name]):
+                kept[name] = self._keep(namespace[name], client, session)
+                continue
+            try:
+                packed = serial.dumps(self.to_host(namespace[name], session))
+            except Exception as e:
+                value = namespace[name]
+                skipped[name] = (
+                    f"{type(value).__module__}.{type(value).__qualname__} cannot leave "
+                    f"the worker ({type(e).__name__})"
+                )
+                continue
+            size = serial.nbytes(packed)
+            if size > self.max_value_bytes or sent + size > self.max_message_bytes:
+                skipped[name] = self._too_large(name, namespace[name], size, sent, client, session, kept)
+                continue
+            outputs[name] = packed
+            sent += size
+
+    def _error(self, exc: BaseException, session: Session, msg: dict, call: RunningCall) -> dict:
+        """The reply's error: why a stopped call stopped, not where it was hit; a device out
+        of memory said as such; else the exception with the cell's traceback."""
+        if call.reason is not None:
+            exc = stop_error(call, self.worker.address, replaced=False)
+        elif _is_out_of_memory(exc):
+            exc = _out_of_memory_error(exc, session)
+        return wrap_error(exc, msg["filename"], msg.get("code"), msg.get("line_offset", 0))
+
+    def _compile(self, source: str, filename: str, line_offset: int):
+        key = (source, filename, line_offset)
+        with self._code_lock:
+            code = self._code_cache.get(key)
+            if code is not None:
+                self._code_cache.move_to_end(key)
+                return code
+        text = padded(source, line_offset)
+        # dont_inherit: the cell gets exactly its own __future__ imports, as in the notebook,
+        # never this module's (``annotations`` would turn its annotations into strings).
+        code = compile(text, filename, "exec", dont_inherit=True)
+        # Lets tracebacks on this worker quote the cell's lines.
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+        with self._code_lock:
+            self._code_cache[key] = code
+            if len(self._code_cache) > 512:
+                self._code_cache.popitem(last=False)
+        return code
+
+    def _too_large(self, name: str, value: Any, size: int, sent: int, client: str, session: Session,
+                   kept: dict) -> str:
+        """An output over kaas.transfer.max-bytes (or one that would take the reply past
+        max-message-bytes) does not go home, where it could take the notebook's kernel down
+        for memory: an array stays here as a handle, anything else is dropped; either way the
+        notebook is told its name and size."""
+        if size > self.max_value_bytes:
+            why = f"{name!r} is {size:,} bytes, over the transfer limit of {self.max_value_bytes:,} (kaas.transfer.max-bytes)"
+        else:
+            why = (f"{name!r} ({size:,} bytes) would take this reply past {self.max_message_bytes:,} bytes "
+                   f"(kaas.transfer.max-message-bytes; {sent:,} bytes of other outputs go home)")
+        if _keepable(value):
+            kept[name] = self._keep(value, client, session)
+            return f"{why}: it stays on worker {self.worker.address} as a DeviceHandle; bring home pieces of it"
+        return f"{why}: it was not sent"
+
+    def _unpack(self, name: str, packed: serial.Packed) -> Any:
+        try:
+            return serial.loads(packed)
+        except Exception as e:
+            raise KaasError(
+                f"variable {name!r} could not be rebuilt on worker {self.worker.address}: {type(e).__name__}: {e}. "
+                f"Nothing was run. The worker needs the packages (and versions) the notebook has for it."
+            ) from None
+
+    # -- data kept on the device between calls --
+
+    def _resolve_handles(self, value: Any, client: str, session: Session) -> Any:
+        """Inputs that are handles become the kept device buffers they name, in place."""
+
+        def resolve(v: Any) -> Any:
+            if not isinstance(v, HandleRef):
+                return v
+            kept = self.buffers.get(client, v.id)
+            if kept.device_id != session.device_id:  # kept on another device of this worker
+                return self.to_host(kept.value, session)
+            return kept.value
+
+        return map_containers(value, resolve)
+
+    def _keep(self, value: Any, client: str, session: Session) -> dict | list:
+        if isinstance(value, (list, tuple)):
+            return [self._keep(v, client, session) for v in value]
+        # Random, so that a restarted worker's ids never match a dead one's handles; not
+        # from os.urandom, a slow system call on some VMs (ids are namespaced per client).
+        id = f"{random.getrandbits(128):032x}"
+        self.buffers.put(client, id, value, session.device_id)
+        return {"id": id, "shape": list(value.shape), "dtype": _type_name(value.dtype), "nbytes": int(value.nbytes),
+                "type": _type_name(type(value))}
+
+    def to_host(self, value: Any, session: Session) -> Any:
+        """Device arrays of any backend on this worker (a cell may call kernels of another
+        backend than its own) become host arrays."""
+        if type(value) in _HOST_TYPES:  # the usual case (downloaded already): nothing to convert
+            return value
+        value = session.to_host(value)
+        for other in {type(s): s for s in self.sessions.values()}.values():
+            if type(other) is not type(session):
+                value = other.to_host(value)
+        return value
+
+
+def failed_reply(exc: BaseException, execute: float = 0.0, worker_exiting: bool = False) -> dict:
+    """The reply of a call that ended before or instead of running its code."""
+    timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": execute, "to_host": 0.0}
+    return {"ok": False, "outputs": {}, "skipped": {}, "error": wrap_error(exc, None), "kept": {},
+            "timings": timings, "kernels": {}, "worker_exiting": worker_exiting}
+
+
+def _cell_module(call_id: str) -> types.ModuleType:
+    """A fresh module for one cell: its name is unique to the call, so concurrent cells never
+    share one, and classes defined in the cell name a module that exists while it runs."""
+    module = types.ModuleType(f"__kaas_cell_{call_id.replace('-', '_')}__")
+    module.__dict__["__builtins__"] = builtins
+    return module
+
+
+@functools.lru_cache(maxsize=256)
+def _type_name_cached(kind, aligned) -> str:
+    return str(kind) if not isinstance(kind, type) else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _type_name(kind) -> str:
+    """A dtype's name ("float32"), or a class's dotted path; asked for every kept array.
+    Keyed on alignment too: an aligned and a packed struct dtype are equal, named apart."""
+    return _type_name_cached(kind, getattr(kind, "isalignedstruct", None))
+
+
+_HOST_TYPES = frozenset({np.ndarray, int, float, complex, bool, str, bytes, type(None)})
+
+
+def _keepable(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(is_array(v) for v in value)
+    return is_array(value)
+
+
+_OOM_NAMES = ("OutOfMemoryError", "MemoryError", "RESOURCE_EXHAUSTED", "MEM_OBJECT_ALLOCATION_FAILURE",
+              "OUT_OF_RESOURCES")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError from NumPy or PyOpenCL, CuPy's OutOfMemoryError, XLA's RESOURCE_EXHAUSTED."""
+    text = f"{type(exc).__name__} {exc}"
+    return isinstance(exc, MemoryError) or any(name in text for name in _OOM_NAMES)
+
+
+def _out_of_memory_error(exc: BaseException, session: Session) -> DeviceOutOfMemory:
+    try:
+        session.release_cached_memory()  # so the next call has the most room
+        used, total = session.memory()
+    except Exception:
+        used, total = None, None
+    known = f" ({used / 2**20:,.0f} MiB of {total / 2**20:,.0f} MiB in use)" if used and total else ""
+    return DeviceOutOfMemory(
+        f"{session.device} ran out of memory{known}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
+        f"The worker goes on serving; free kept buffers or use smaller pieces."
+    )
