@@ -31,7 +31,7 @@ def _worker(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # See kaas.pool.worker-profiler: Dask's sampling profiler slows warm calls.
     env.setdefault("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED",
-                   "True" if kaas_config.get("pool.worker-profiler", False) else "False")
+                   "True" if kaas_config.get("pool.worker-profiler") else "False")
     if args.concurrency:
         env["DASK_KAAS__POOL__CONCURRENCY"] = str(args.concurrency)
     if args.fallback is not None:

@@ -26,7 +26,10 @@ from pathlib import Path
 
 
 def cache_root(config: dict) -> Path:
-    configured = (config.get("cache") or {}).get("dir")
+    """The kaas cache folder, as ``config`` (a config.snapshot()) sets it."""
+    from . import config as kaas_config
+
+    configured = kaas_config.get("cache.dir", config)
     if configured:
         return Path(os.path.expanduser(str(configured)))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

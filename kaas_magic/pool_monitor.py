@@ -367,7 +367,7 @@ class Monitor:
 def _interval(interval: float | None) -> float:
     from . import config
 
-    return float(interval if interval is not None else config.get("widgets.monitor-interval", 1.0))
+    return float(interval if interval is not None else config.get("widgets.monitor-interval"))
 
 
 def monitor(pool: MetricsSource, interval: float | None = None) -> Monitor:

@@ -89,11 +89,13 @@ class KernelTable:
         return rows
 
     def __str__(self) -> str:
+        from dask.utils import format_time
+
         lines = []
         for r in self.rows():
             lines.append(f"{r['name']:<12} {r['language']:<7} {r['origin']:<8} [{r['targets']}] "
                          f"compiles={r['compiles']} disk={r['disk_loads']} warm={r['cache_hits']} calls={r['calls']}"
-                         + (f" mean {r['mean_execute_ms']:.2f} ms" if r["calls"] else "")
+                         + (f" mean {format_time(r['mean_execute_ms'] / 1e3)}" if r["calls"] else "")
                          + f"\n    {r['signature']}"
                          + "".join(f"\n    compiled on {w}" for w in r["compiled_on"]))
         return "\n".join(lines)

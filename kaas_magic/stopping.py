@@ -33,8 +33,6 @@ logger = logging.getLogger("kaas_magic.stopping")
 GRACE_S = 1.0  # seconds a stopped cell has to end before its worker is replaced
 HANGUP_POLL_S = 0.5  # how often a worker looks for callers that went away
 DEFAULT_MAX_TIMEOUT = 86400.0  # kaas.limits.max-timeout
-DEFAULT_MAX_RETRIES = 10  # kaas.limits.max-retries
-DEFAULT_MAX_SHOTS = 10_000_000  # kaas.limits.max-shots
 
 
 # Seconds past a call's timeout that its caller waits for the reply: the worker's grace to
@@ -308,17 +306,19 @@ class HangupWatcher:
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 
-def check_call_options(get: Callable[..., Any], timeout: Any, retries: Any, kernel_arguments: dict | None = None
+def check_call_options(timeout: Any, retries: Any, kernel_arguments: dict | None = None
                        ) -> tuple[float | None, int]:
-    """A call's numeric options, checked in the notebook before anything is sent; ``get``
-    reads kaas settings (config.get). Returns (timeout, retries): the timeout the call asks
+    """A call's numeric options, checked in the notebook before anything is sent, against
+    the kaas settings (config.get). Returns (timeout, retries): the timeout the call asks
     for (its own, else kaas.timeout; None: the worker's kaas.limits.max-timeout) and the
     retries.
     ``kernel_arguments``: a registered kernel's arguments, whose ``shots`` (Qiskit) is
     checked too. Errors name the option and the value."""
-    timeout = call_timeout(timeout, get("timeout", None), max_timeout(get("limits.max-timeout", None)))
+    from . import config as kaas_config
+
+    timeout = call_timeout(timeout, kaas_config.get("timeout"), max_timeout(kaas_config.get("limits.max-timeout")))
     if retries != 0 or type(retries) is not int:
-        most = check_count(get("limits.max-retries", DEFAULT_MAX_RETRIES), "kaas.limits.max-retries", 0, 10**6,
+        most = check_count(kaas_config.get("limits.max-retries"), "kaas.limits.max-retries", 0, 10**6,
                            "a setting")
         retries = check_count(retries, "retries", 0, most, "kaas.limits.max-retries")
     if kernel_arguments:
@@ -326,7 +326,7 @@ def check_call_options(get: Callable[..., Any], timeout: Any, retries: Any, kern
         if shots is None and isinstance(kernel_arguments.get("__kwargs"), dict):
             shots = kernel_arguments["__kwargs"].get("shots")
         if shots is not None:
-            most = check_count(get("limits.max-shots", DEFAULT_MAX_SHOTS), "kaas.limits.max-shots", 1, 10**12,
+            most = check_count(kaas_config.get("limits.max-shots"), "kaas.limits.max-shots", 1, 10**12,
                                "a setting")
             check_count(shots, "shots", 1, most, "kaas.limits.max-shots")
     return timeout, retries

@@ -237,7 +237,7 @@ def inline_view() -> RunView | None:
     ``kaas.widgets.inline`` is off, ipywidgets is missing or no frontend can show it."""
     from . import config
 
-    if not config.get("widgets.inline", True) or not _frontend_shows_widgets():
+    if not config.get("widgets.inline") or not _frontend_shows_widgets():
         return None
     try:
         import ipywidgets

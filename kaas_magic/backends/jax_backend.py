@@ -9,6 +9,7 @@ import os
 import threading
 from typing import Any, Iterator
 
+from .. import config as kaas_config
 from ..compile_cache import cache_root
 from ..targets import Service
 from .base import Backend, Offer, Session, cpu_name, map_containers
@@ -140,7 +141,7 @@ class JaxBackend(Backend):
         except ImportError:
             return []
         offers: list[Offer] = []
-        serve_tpu_with_any = bool(self.config.get("jax", {}).get("accelerators-serve-tpu", True))
+        serve_tpu_with_any = bool(kaas_config.get("jax.accelerators-serve-tpu", self.config))
         accelerators = [d for d in jax.devices() if d.platform != "cpu"]
         for i, d in enumerate(accelerators):
             detail = {"platform": d.platform, "platform_index": i}

@@ -7,6 +7,7 @@ import re
 import threading
 from typing import Any
 
+from .. import config as kaas_config
 from ..compile_cache import DiskCache
 from ..kernelspec import launch_c_kernel, round_up, scalar_arg_dtypes
 from ..targets import Service
@@ -286,7 +287,7 @@ class OpenCLBackend(Backend):
             return []
         fpga_types = {
             getattr(cl.device_type, t.upper())
-            for t in self.config.get("opencl", {}).get("fpga-device-types", ["ACCELERATOR", "CUSTOM"])
+            for t in kaas_config.get("opencl.fpga-device-types", self.config)
         }
         offers: list[Offer] = []
         counters = {"fpga": 0, "gpu": 0, "cpu": 0}

@@ -29,6 +29,7 @@ import threading
 import uuid
 from typing import Any
 
+from .. import config as kaas_config
 from ..compile_cache import DiskCache
 from ..targets import Service
 from .base import Backend, Offer, Session
@@ -55,8 +56,7 @@ class QiskitSession(Session):
         from qiskit import QuantumCircuit
         from qiskit.transpiler import generate_preset_pass_manager
 
-        qpu = self.config.get("qpu", {})
-        self.default_shots = int(qpu.get("default-shots", 1024))
+        self.default_shots = int(kaas_config.get("qpu.default-shots", self.config))
         if self.offer.service.kind == "simulator":
             from qiskit_aer import AerSimulator
 
@@ -67,8 +67,8 @@ class QiskitSession(Session):
 
             self.backend = QiskitRuntimeService().backend(self.offer.detail["ibm_backend"])
             self._sampler = SamplerV2(mode=self.backend)
-        optimization_level = int(qpu.get("optimization-level", 1))
-        seed = qpu.get("seed-transpiler")
+        optimization_level = int(kaas_config.get("qpu.optimization-level", self.config))
+        seed = kaas_config.get("qpu.seed-transpiler", self.config)
         seed = None if seed is None else int(seed)
         self.pass_manager = generate_preset_pass_manager(
             optimization_level=optimization_level, backend=self.backend, seed_transpiler=seed
@@ -440,9 +440,8 @@ class QiskitBackend(Backend):
     injected = ("xp", "device", "run", "backend", "transpile")
 
     def discover(self) -> list[Offer]:
-        qpu = self.config.get("qpu", {})
-        if qpu.get("provider", "aer") == "ibm":
-            name = qpu.get("ibm-backend")
+        if kaas_config.get("qpu.provider", self.config) == "ibm":
+            name = kaas_config.get("qpu.ibm-backend", self.config)
             if not name:
                 raise ValueError("kaas.qpu.provider is 'ibm' but kaas.qpu.ibm-backend is not set")
             return [Offer(Service("qpu", "qiskit", "device"), f"IBM Quantum {name}", {"ibm_backend": name})]

@@ -86,7 +86,7 @@ class CallPath:
         # Checked before anything is sent (a bad value must not switch a worker's safety
         # off). Every call runs under a timeout: its own, kaas.timeout, or (None) the
         # worker's kaas.limits.max-timeout.
-        timeout, retries = check_call_options(kaas_config.get, timeout, retries,
+        timeout, retries = check_call_options(timeout, retries,
                                               inputs if backend == "qiskit" and "kernel" in body else None)
         started_wall = time.time() - (time.perf_counter() - t_start)
         call_id = f"{self.client_id[:16]}-{next(self.counter)}"  # unique across clients and hosts
@@ -200,7 +200,7 @@ class CallPath:
         # Nothing here waits for ever: past its timeout (without one, this notebook's
         # kaas.limits.max-timeout) and the worker's and its supervisor's time to stop it,
         # plus a few seconds, the call is given up (and the worker with it).
-        budget = message.get("timeout") or max_timeout(kaas_config.get("limits.max-timeout", None))
+        budget = message.get("timeout") or max_timeout(kaas_config.get("limits.max-timeout"))
         deadline = time.monotonic() + budget + REPLY_MARGIN_S
         try:
             link.sock.settimeout(budget + REPLY_MARGIN_S)
@@ -346,8 +346,8 @@ def _remote_exception(error: dict, record: RunRecord) -> BaseException:
 
 def _transfer_limits() -> tuple[int, int]:
     """kaas.transfer's (max-bytes, max-message-bytes)."""
-    return (int(kaas_config.get("transfer.max-bytes", 2**31) or 2**31),
-            int(kaas_config.get("transfer.max-message-bytes", 2**32) or 2**32))
+    return (int(kaas_config.get("transfer.max-bytes") or 2**31),
+            int(kaas_config.get("transfer.max-message-bytes") or 2**32))
 
 
 def _serialize_inputs(inputs: Mapping[str, Any]):

@@ -20,10 +20,10 @@ def start_cluster(n_workers: int | None = None, **cluster_kwargs):
     from distributed import Client, LocalCluster
 
     if n_workers is None:
-        n_workers = kaas_config.get("pool.n-workers", 2)
+        n_workers = kaas_config.get("pool.n-workers")
     n_workers = check_count(n_workers, "n_workers", 1, 1024, "workers of one embedded pool")
     cluster_kwargs.setdefault("threads_per_worker", 1)
-    cluster_kwargs.setdefault("memory_limit", kaas_config.get("pool.memory-limit", "auto"))
+    cluster_kwargs.setdefault("memory_limit", kaas_config.get("pool.memory-limit"))
     # Loopback only: whoever reaches the pool can run code on it.
     cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     cluster_kwargs.setdefault("worker_dashboard_address", "127.0.0.1:0")
@@ -38,7 +38,7 @@ def start_cluster(n_workers: int | None = None, **cluster_kwargs):
 
     cluster_kwargs["env"] = {**(cluster_kwargs.get("env") or {}), **owner_environment()}
     # Nannies hand their config to the worker processes they start (and restart).
-    profiler = bool(kaas_config.get("pool.worker-profiler", False))
+    profiler = bool(kaas_config.get("pool.worker-profiler"))
     with dask.config.set({"distributed.worker.profile.enabled": profiler}):
         cluster = LocalCluster(
             n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
@@ -53,7 +53,7 @@ def start_cluster(n_workers: int | None = None, **cluster_kwargs):
 
 def _secure(cluster_kwargs: dict) -> None:
     """kaas.pool.security: temporary (the default) gives the cluster mutual TLS."""
-    mode = kaas_config.get("pool.security", "temporary")
+    mode = kaas_config.get("pool.security")
     mode = "none" if mode in (None, False) else str(mode).strip().lower()
     if mode == "temporary":
         from distributed.security import Security

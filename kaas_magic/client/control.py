@@ -104,7 +104,7 @@ class ControlPlane:
         self.routes_updated.set()
 
     async def refresh_forever(self, closed: Callable[[], bool], pending_frees: Callable[[], dict]) -> None:
-        interval = float(kaas_config.get("pool.routing-refresh", 1.0))
+        interval = float(kaas_config.get("pool.routing-refresh"))
         while not closed():
             await asyncio.sleep(interval)
             try:
@@ -171,12 +171,12 @@ class ControlPlane:
         check_target(target)
         check_backend(backend)
         if fallback is None:
-            fallback = bool(kaas_config.get("fallback", False))
+            fallback = bool(kaas_config.get("fallback"))
         router = self.router
         choice = router.choose(target, backend, fallback, worker)
         if choice is not None:  # the warm pool's usual answer
             return choice[0], choice[1], False
-        timeout = float(kaas_config.get("pool.warmup-timeout", 180)) if timeout is None else timeout
+        timeout = float(kaas_config.get("pool.warmup-timeout")) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         waited = False
         while True:

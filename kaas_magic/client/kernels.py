@@ -44,7 +44,7 @@ class KernelRegistry:
         """Pick (spec, target): a real device first, then a simulator, then a stand-in;
         waits for a pool still warming up (see Router.kernel_choice)."""
         if fallback is None:
-            fallback = bool(kaas_config.get("fallback", False))
+            fallback = bool(kaas_config.get("fallback"))
         router = self._control.router
         while True:
             choice = router.kernel_choice(specs, target, backend, fallback)

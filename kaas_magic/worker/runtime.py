@@ -19,6 +19,7 @@ import time
 import uuid
 
 from .. import backends, compile_cache, fastlink, isolation
+from .. import config as kaas_config
 from ..backends.base import Offer, Session
 from ..buffer_store import BufferStore
 from ..call_stream import CallStream
@@ -44,7 +45,7 @@ class WorkerRuntime:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.host = socket.gethostname()
-        self.concurrency = int(config.get("pool", {}).get("concurrency", 4))
+        self.concurrency = int(kaas_config.get("pool.concurrency", config))
         self.slots: dict[str, DeviceSlot] = {}  # each device admits `concurrency` calls at once
         # Every call runs under a timeout (kaas.limits.max-timeout at most, and by default),
         # enforced in place by the watchdog, and from outside by the supervisor process when
@@ -54,9 +55,8 @@ class WorkerRuntime:
         self._stats_lock = threading.Lock()
         self._keep_budgets: dict[str, int] = {}
         self.buffers = BufferStore(self._keep_budget)
-        transfer = config.get("transfer") or {}
-        max_value_bytes = int(transfer.get("max-bytes") or 2**31)
-        max_message_bytes = int(transfer.get("max-message-bytes") or 2**32)
+        max_value_bytes = int(kaas_config.get("transfer.max-bytes", config) or 2**31)
+        max_message_bytes = int(kaas_config.get("transfer.max-message-bytes", config) or 2**32)
         fastlink.set_limits(max_value_bytes + 2**20, max_message_bytes + 2**24)
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
@@ -65,7 +65,7 @@ class WorkerRuntime:
         self.sessions: dict[str, Session] = {}
         self.kernels = KernelLibrary(self.sessions)
         self.executor = Executor(worker, self.sessions, self.buffers, self.kernels, max_value_bytes, max_message_bytes)
-        self.backend_state: dict[str, str] = {name: "pending" for name in config.get("backends", ["numpy"])}
+        self.backend_state: dict[str, str] = {name: "pending" for name in kaas_config.get("backends", config)}
         self._backend_done = {name: threading.Event() for name in self.backend_state}
         self.warm_started = time.time()
         self.warm_finished: float | None = None
@@ -103,7 +103,7 @@ class WorkerRuntime:
             self.backend_state[name] = state
             self._publish()
             self._backend_done[name].set()
-        if self.config.get("kernels", {}).get("warm-library", True):
+        if kaas_config.get("kernels.warm-library", self.config):
             try:
                 self.kernels.warm()
             except Exception:  # a broken library must not keep the worker from being ready
@@ -218,7 +218,7 @@ class WorkerRuntime:
         """Bytes of kept buffers a device holds before evicting (asked on every keep; a
         device's size does not change, so it is worked out once)."""
         if device_id not in self._keep_budgets:
-            configured = (self.config.get("keep") or {}).get("max-bytes")
+            configured = kaas_config.get("keep.max-bytes", self.config)
             session = next((s for s in self.sessions.values() if s.device_id == device_id), None)
             total = None if configured or session is None else session.memory()[1]
             self._keep_budgets[device_id] = int(configured or (total * 0.5 if total else 2**31))
@@ -319,7 +319,7 @@ def _configured_max_timeout(config: dict) -> float:
     from ..stopping import DEFAULT_MAX_TIMEOUT, max_timeout
 
     try:
-        return max_timeout((config.get("limits") or {}).get("max-timeout"))
+        return max_timeout(kaas_config.get("limits.max-timeout", config))
     except KaasError as e:
         logger.error("kaas: %s; using %g s", e, DEFAULT_MAX_TIMEOUT)
         return DEFAULT_MAX_TIMEOUT
