@@ -31,9 +31,12 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy
+
+if TYPE_CHECKING:
+    from .protocol import Refused, Reply
 
 _COUNT = struct.Struct("<Q")
 _TWO = struct.Struct("<QQ")  # the header of a one-frame message: count and length
@@ -242,7 +245,7 @@ class Server:
     itself 0600), and each connection's peer is checked with SO_PEERCRED besides (the
     same user id as this process, or the connection is closed before anything is read)."""
 
-    def __init__(self, host: str, handler: Callable[..., dict], ssl_context: ssl.SSLContext | None,
+    def __init__(self, host: str, handler: Callable[..., Reply | Refused | None], ssl_context: ssl.SSLContext | None,
                  unix_path: str | None = None):
         self._handler = handler
         self._ssl = ssl_context

@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import pickle
 import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO, cast
 
 from .. import config as kaas_config
 from .. import serial
@@ -30,6 +31,7 @@ from ..errors import (
     rebuild_remote_exception,
 )
 from ..handles import handles_in
+from ..protocol import CallRequest, ErrorInfo, Op, Reply
 from ..record import RunRecord, Timings
 from ..stopping import REPLY_MARGIN_S, check_call_options, check_count, max_timeout
 
@@ -70,7 +72,7 @@ class CallPath:
         line_offset = check_count(line_offset, "line_offset", 0, 10**6, "lines before a cell")
         info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
         body = {
-            "code": code, "filename": filename, "line_offset": line_offset,
+            "op": "run", "code": code, "filename": filename, "line_offset": line_offset,
             "outputs_explicit": outputs is not None,
             "kernels": [k.to_dict() for k in kernels.values()] if "kernels" in info.reads else [],
         }
@@ -79,15 +81,28 @@ class CallPath:
                            backend=backend, fallback=fallback, worker=worker, stdout=stdout, stderr=stderr,
                            keep=keep, progress=progress, timeout=timeout, retries=retries, t_start=t_start)
 
+    def operation(self, op: Op, target: str, inputs: dict, output: str, t_start: float, *, filename: str,
+                  kernel: str | None = None, kernels: list[dict] | None = None, backend=None, fallback=None,
+                  worker=None, keep: bool = False) -> RunResult:
+        """One of kaas's own operations (Pool.put, Pool.fetch, Pool.register's compile; see
+        protocol), sent as such: its ``inputs``, its one ``output`` by name, its print
+        output dropped, under the call's default timeout and no retries."""
+        body = {"op": op, "filename": filename, "outputs_explicit": True, "kernels": kernels or []}
+        if kernel is not None:
+            body["kernel"] = kernel
+        return self.submit(body, target, inputs, [output], backend=backend, fallback=fallback, worker=worker,
+                           stdout=io.StringIO(), stderr=None, keep=keep, progress=None, timeout=None, retries=0,
+                           t_start=t_start)
+
     def submit(self, body: dict, target: str, inputs: dict, output_names: list[str], *, backend, fallback,
                worker, stdout, stderr, keep, progress, timeout, retries, t_start: float) -> RunResult:
-        """What run() and call() share: route, send, relay, rebuild, record. ``body`` says
-        what runs: cell code, or (from call()) one registered kernel."""
+        """What every call shares: route, send, relay, rebuild, record. ``body`` says what
+        runs: its ``op`` (see protocol) and what that needs (cell code, a kernel's name)."""
         # Checked before anything is sent (a bad value must not switch a worker's safety
         # off). Every call runs under a timeout: its own, kaas.timeout, or (None) the
         # worker's kaas.limits.max-timeout.
         timeout, retries = check_call_options(timeout, retries,
-                                              inputs if backend == "qiskit" and "kernel" in body else None)
+                                              inputs if backend == "qiskit" and body["op"] == "call" else None)
         started_wall = time.time() - (time.perf_counter() - t_start)
         call_id = f"{self.client_id[:16]}-{next(self.counter)}"  # unique across clients and hosts
 
@@ -105,7 +120,7 @@ class CallPath:
         serialized, record.bytes_in = _serialize_inputs(inputs)
         t_serialized = time.perf_counter()
 
-        message = {
+        message = cast(CallRequest, {
             **body,
             "service": service.resource,
             "inputs": serialized,
@@ -116,32 +131,31 @@ class CallPath:
             "keep": keep,
             "progress": progress is not None,
             "free": self.kept.frees_for(route.address),
-        }
+        })
         sent = self._send(message, record, report, (target, backend, fallback, worker), inputs, retries,
                           stdout or sys.stdout, stderr or sys.stderr)
         reply, out, sent_at, t_received = sent
-        if reply.get("worker_exiting"):
+        if reply["worker_exiting"]:
             self.control.forget_worker(record.worker)
 
         result_outputs, deserialize_time = {}, 0.0
-        if reply.get("ok"):
+        if reply["ok"]:
             report("receiving", record)
             t = time.perf_counter()
             result_outputs, record.bytes_out, skipped = _deserialize_outputs(reply["outputs"])
-            record.skipped = {**reply.get("skipped", {}), **skipped}
-            for name, kept in (reply.get("kept") or {}).items():
-                result_outputs[name] = self.kept.handles(kept, record.worker, message["service"],
-                                                         reply.get("device", ""))
+            record.skipped = {**reply["skipped"], **skipped}
+            for name, kept in reply["kept"].items():
+                result_outputs[name] = self.kept.handles(kept, record.worker, message["service"], reply["device"])
             deserialize_time = time.perf_counter() - t
         t_end = time.perf_counter()
 
         record.timings = _timings(reply, (t_start, t_routed, t_serialized, t_received, t_end), sent_at,
                                   deserialize_time)
-        record.device = reply.get("device", "")
-        record.kernels = dict(reply.get("kernels") or {})
+        record.device = reply["device"]
+        record.kernels = dict(reply["kernels"])
         record.cold = waited or reply["timings"]["warm_wait"] > 0.001
         record.outputs = tuple(result_outputs)
-        record.ok = bool(reply.get("ok"))
+        record.ok = bool(reply["ok"])
         self.last_record = record
         if not record.ok:
             error = reply["error"]
@@ -151,7 +165,7 @@ class CallPath:
         report("done", record)
         return RunResult(result_outputs, record, *out)
 
-    def _send(self, message: dict, record: RunRecord, report, where: tuple, inputs: dict, retries: int,
+    def _send(self, message: CallRequest, record: RunRecord, report, where: tuple, inputs: dict, retries: int,
               stdout: TextIO, stderr: TextIO):
         """Send the call and wait for its reply; on a worker lost under it, route the call
         again (``retries`` times: ``where`` is its target, backend, fallback and worker).
@@ -183,8 +197,8 @@ class CallPath:
             finally:  # off the worker it was counted on (a reroute has changed record.worker)
                 in_flight[address] -= 1
 
-    def exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO,
-                 on_state: Callable[[str], None]):
+    def exchange(self, address: str, message: CallRequest, stdout: TextIO, stderr: TextIO,
+                 on_state: Callable[[str], None]) -> tuple[Reply, tuple[str, str]]:
         """Send one call and relay its streamed output, in the caller's thread, over a
         direct link to the worker (see fastlink): printing lands where the caller is (the
         right notebook cell), and no event loop sits in the hot path."""
@@ -206,6 +220,8 @@ class CallPath:
             link.sock.settimeout(budget + REPLY_MARGIN_S)
             link.send(message)
             while True:
+                # A Reply, a Refused or a StreamMessage (see protocol); read with .get() until
+                # its kind is known: nothing the peer sends is trusted.
                 reply = link.receive()
                 if not _answers(reply, call_id):
                     raise _Mismatch(reply)
@@ -310,7 +326,7 @@ def cell_inputs(code: str, target: str, namespace: dict, inputs, exclude, option
     return names
 
 
-def _timings(reply: dict, marks: tuple, sent_at: float, deserialize_time: float) -> Timings:
+def _timings(reply: Reply, marks: tuple, sent_at: float, deserialize_time: float) -> Timings:
     """Where the time went. On one host the wall clocks agree, so the wire time of each
     direction is measured; across hosts it is split evenly."""
     t_start, t_routed, t_serialized, t_received, t_end = marks
@@ -318,7 +334,7 @@ def _timings(reply: dict, marks: tuple, sent_at: float, deserialize_time: float)
     worker_span = reply["replied_at"] - reply["received_at"]
     worker_phases = w["warm_wait"] + w["queue"] + w["setup"] + w["execute"] + w["to_host"]
     wire = max(0.0, (t_received - t_serialized) - worker_span)
-    if reply.get("host") == _hostname():
+    if reply["host"] == _hostname():
         wire_in = min(wire, max(0.0, reply["received_at"] - sent_at))
     else:
         wire_in = wire / 2
@@ -333,7 +349,7 @@ def _timings(reply: dict, marks: tuple, sent_at: float, deserialize_time: float)
     )
 
 
-def _remote_exception(error: dict, record: RunRecord) -> BaseException:
+def _remote_exception(error: ErrorInfo, record: RunRecord) -> BaseException:
     exception = rebuild_remote_exception(
         error, worker=record.worker, where=f"{record.target} on {record.label()}"
     )
@@ -428,7 +444,7 @@ class _OutputRelay:
         self._on_state = on_state
         self._text: dict[str, list[str]] = {"stdout": [], "stderr": []}
 
-    def write(self, chunks) -> None:
+    def write(self, chunks: list[tuple[str, str]]) -> None:
         for name, text in chunks:
             if name == "state":
                 try:

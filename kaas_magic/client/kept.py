@@ -16,6 +16,7 @@ from typing import Any, Callable
 from ..containers import map_containers
 from ..errors import StaleHandleError, TargetUnavailable
 from ..handles import DeviceHandle, handles_in
+from ..protocol import KeptBuffer
 
 
 class KeptData:
@@ -27,7 +28,7 @@ class KeptData:
         self._to_free: dict[str, list[str]] = {}
         self._release_lock = threading.Lock()
 
-    def handles(self, kept, worker: str, service: str, device: str):
+    def handles(self, kept: KeptBuffer | list[KeptBuffer], worker: str, service: str, device: str):
         """Handles for a reply's kept outputs (one, or a tuple for a list)."""
         if isinstance(kept, list):
             return tuple(self.handles(k, worker, service, device) for k in kept)

@@ -8,6 +8,7 @@ import io
 from typing import TYPE_CHECKING, Any
 
 from .. import config as kaas_config
+from ..protocol import CALL_RESULT, COMPILE_HOW
 
 if TYPE_CHECKING:
     from ..pool_status import KernelTable
@@ -68,35 +69,36 @@ class KernelRegistry:
             inputs = bind(spec, args, kwargs).values
         else:  # a Python kernel taking any arguments
             inputs = {"__args": args, "__kwargs": kwargs}
-        body = {"kernel": name, "kernels": [spec.to_dict()] if spec.origin == "user" else [],
+        body = {"op": "call", "kernel": name, "kernels": [spec.to_dict()] if spec.origin == "user" else [],
                 "filename": f"<kaas call {name}>"}
-        result = submit(body, target, inputs, ["__result"], backend=spec.backend, fallback=True, worker=None,
+        result = submit(body, target, inputs, [CALL_RESULT], backend=spec.backend, fallback=True, worker=None,
                         stdout=io.StringIO(), stderr=None, keep=keep, progress=None, timeout=timeout,
                         retries=retries, t_start=t_start)
-        return result.outputs["__result"]
+        return result.outputs[CALL_RESULT]
 
-    def register(self, run, source: str, language: str, *, signature, name, target, fallback, line_offset):
+    def register(self, operation, source: str, language: str, *, signature, name, target, fallback, line_offset):
         """Pool.register: compile on one warm worker, then on every other that could serve
-        the kernel's calls, at once (``run``: Pool.run); a failure registers nothing."""
+        the kernel's calls, at once (``operation``: Pool._operation, sending the "compile"
+        operation); a failure registers nothing."""
         from ..kernelspec import spec_from_source
 
         spec = spec_from_source(source, language, signature=signature, name=name,
                                 targets=(target,) if target else (), line_offset=line_offset)
         previous = self.registered.get(spec.name)
         self.registered[spec.name] = spec
-        compile_here = dict(code=f"__how = kernels._compile({spec.name!r})", target=None, outputs=["__how"],
-                            backend=spec.backend, fallback=True, stdout=io.StringIO(),
+        compile_here = dict(op="compile", target=None, inputs={}, output=COMPILE_HOW, kernel=spec.name,
+                            kernels=[spec.to_dict()], backend=spec.backend, fallback=True,
                             filename=f"<kaas register {spec.name}>")
         try:
             chosen, compile_here["target"] = self.route([spec], target, None, fallback)
-            result = run(**compile_here)
+            result = operation(**compile_here)
             # Then on every other worker that could serve its calls, at once, so that no
             # call pays for a compile.
             others = {route.address for route, service, _ in self._control.router.candidates(
                 compile_here["target"], spec.backend, True, None)} - {result.record.worker}
             if others:
                 with concurrent.futures.ThreadPoolExecutor(len(others)) as ex:
-                    list(ex.map(lambda w: run(**compile_here, worker=w), sorted(others)))
+                    list(ex.map(lambda w: operation(**compile_here, worker=w), sorted(others)))
         except BaseException:
             if previous is None:
                 del self.registered[spec.name]

@@ -4,7 +4,6 @@ over the parts that do the work (see the package's docstring)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TextIO
@@ -14,6 +13,7 @@ from .. import fastlink
 from ..errors import PoolNotRunning
 from ..fastlink import Links
 from ..handles import DeviceHandle
+from ..protocol import FETCH_HANDLE, FETCH_VALUE, PUT_KEPT, PUT_VALUE, CallRequest, Op
 from ..record import RunRecord
 from ..targets import Service
 from . import cluster as _cluster
@@ -178,7 +178,7 @@ class Pool:
         if self._control.scheduler_lost():
             raise self._control.lost_scheduler_error()
 
-    def _exchange(self, address: str, message: dict, stdout: TextIO, stderr: TextIO,
+    def _exchange(self, address: str, message: CallRequest, stdout: TextIO, stderr: TextIO,
                   on_state: Callable[[str], None]):
         """Send one call over a direct link and relay its output (see CallPath.exchange)."""
         return self._calls.exchange(address, message, stdout, stderr, on_state)
@@ -209,18 +209,22 @@ class Pool:
     def put(self, value, target: str = "cpu", *, backend: str | None = None, fallback: bool | None = None,
             worker: str | None = None) -> DeviceHandle:
         """Copy a host array onto a device of ``target`` and keep it there."""
-        result = self.run("__kept = to_device(__value)", target, inputs={"__value": value}, outputs=["__kept"],
-                          backend=backend, fallback=fallback, worker=worker, keep=True,
-                          stdout=io.StringIO(), filename="<kaas put>")
-        return result.outputs["__kept"]
+        result = self._operation("put", target, {PUT_VALUE: value}, PUT_KEPT, filename="<kaas put>",
+                                 backend=backend, fallback=fallback, worker=worker, keep=True)
+        return result.outputs[PUT_KEPT]
 
     def fetch(self, handle: DeviceHandle):
         """Copy a kept array home (``handle.get()``)."""
         service = Service.from_resource(handle.service)
-        result = self.run("__value = __handle", service.target, inputs={"__handle": handle}, outputs=["__value"],
-                          backend=service.backend, fallback=True, worker=handle.worker,
-                          stdout=io.StringIO(), filename="<kaas get>")
-        return result.outputs["__value"]
+        result = self._operation("fetch", service.target, {FETCH_HANDLE: handle}, FETCH_VALUE, filename="<kaas get>",
+                                 backend=service.backend, fallback=True, worker=handle.worker)
+        return result.outputs[FETCH_VALUE]
+
+    def _operation(self, op: Op, target: str, inputs: dict, output: str, **options) -> RunResult:
+        """One of kaas's own operations (see protocol): put, fetch, or compile a kernel."""
+        t_start = time.perf_counter()
+        self._check_usable()
+        return self._calls.operation(op, target, inputs, output, t_start, **options)
 
     def _release(self, worker: str, id: str) -> None:
         """Free a kept buffer (this may run in __del__): with the next call to that worker,
@@ -259,7 +263,7 @@ class Pool:
 
         A compile error raises with the compiler's log (lines point into the cell when
         ``line_offset`` says where the source starts) and registers nothing."""
-        return self._registry.register(self.run, source, language, signature=signature, name=name,
+        return self._registry.register(self._operation, source, language, signature=signature, name=name,
                                        target=target, fallback=fallback, line_offset=line_offset)
 
     def kernels(self) -> "KernelTable":

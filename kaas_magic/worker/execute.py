@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import isolation, serial
+from .. import isolation, protocol, serial
 from ..backends.base import Session
 from ..buffer_store import BufferStore
 from ..call_stream import CallStream
@@ -30,6 +30,7 @@ from ..containers import map_containers
 from ..errors import DeviceOutOfMemory, KaasError, wrap_error
 from ..handles import HandleRef, is_array
 from ..isolation import report_state
+from ..protocol import CallRequest, ErrorInfo, Reply, Timings
 from ..stopping import RunningCall, StopCall, stop_error
 from .kernel_library import KernelLibrary
 from .kernel_namespace import KernelNamespace
@@ -47,10 +48,11 @@ class Executor:
         self._code_cache: collections.OrderedDict = collections.OrderedDict()
         self._code_lock = threading.Lock()
 
-    def execute(self, session: Session, msg: dict, output: CallStream, call: RunningCall) -> dict:
+    def execute(self, session: Session, msg: CallRequest, output: CallStream, call: RunningCall) -> Reply:
         """The reply to ``msg``, run on ``session``'s device; print output goes to ``output``."""
         t0 = time.perf_counter()
-        timings: dict[str, float] = {}
+        t1 = None
+        timings: Timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": 0.0, "to_host": 0.0}
         outputs: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         kept: dict[str, Any] = {}
@@ -77,44 +79,40 @@ class Executor:
                 timings["to_host"] = time.perf_counter() - t2
         except BaseException as e:
             error = self._error(e, session, msg, call)
-            timings.setdefault("setup", time.perf_counter() - t0)
-            timings.setdefault("execute", 0.0)
-            timings.setdefault("to_host", 0.0)
+            if t1 is None:
+                timings["setup"] = time.perf_counter() - t0
         finally:
             scope.exit()  # what the cell changed of the process is put back (see isolation)
         if error is not None:  # a failed call keeps nothing
             self.buffers.free(client, [m["id"] for v in kept.values() for m in (v if isinstance(v, list) else [v])])
             kept = {}
-        return {"ok": error is None, "outputs": outputs, "skipped": skipped, "error": error, "kept": kept,
-                "timings": timings, "kernels": kernels.states if kernels else {}}
+        return protocol.reply(error, timings, outputs, skipped, kept, kernels.states if kernels else {})
 
-    def _namespace(self, session: Session, msg: dict, call: RunningCall, kernels: KernelNamespace,
+    def _namespace(self, session: Session, msg: CallRequest, call: RunningCall, kernels: KernelNamespace,
                    client: str) -> tuple[dict, types.ModuleType | None, types.CodeType | None]:
         """The names the call runs with: for a cell, its module's namespace with the
         session's names, ``kernels`` and ``to_device``; then the inputs, handles resolved."""
         module = code = None
-        if "kernel" in msg:  # kaas.call: one registered kernel, its arguments by name
-            namespace = {}
-        else:  # a cell, in a module of its own that libraries can look up
+        if msg.get("op", "run") == "run":  # a cell, in a module of its own that libraries can look up
             code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
             module = _cell_module(call.id)
             namespace = module.__dict__
             namespace.update(session.namespace())
             namespace["kernels"] = kernels
             namespace["to_device"] = session.to_device
+        else:  # an operation of kaas's own: its inputs by name, nothing else
+            namespace = {}
         for name, packed in msg["inputs"].items():
             namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session)
         return namespace, module, code
 
     @staticmethod
-    def _run(session: Session, msg: dict, call: RunningCall, kernels: KernelNamespace, namespace: dict,
+    def _run(session: Session, msg: CallRequest, call: RunningCall, kernels: KernelNamespace, namespace: dict,
              module: types.ModuleType | None, code: types.CodeType | None) -> None:
         """The user's code, and its device work finished: outputs synchronised when they
         stay, else copied home with it."""
         call.enter_user_code()
-        if "kernel" in msg:
-            namespace["__result"] = kernels._invoke(msg["kernel"], namespace)
-        else:
+        if module is not None:  # a cell
             # Registered while it runs (dataclasses, typing and pickle look a class's
             # module up by name), gone after: nothing outlives the call.
             sys.modules[module.__name__] = module
@@ -122,6 +120,8 @@ class Executor:
                 exec(code, namespace)
             finally:
                 sys.modules.pop(module.__name__, None)
+        else:  # checked to be one of these on arrival (see WorkerRuntime.handle_call)
+            _OPERATIONS[msg["op"]](session, msg, kernels, namespace)
         names = [n for n in msg["outputs"] if n in namespace]
         if msg.get("keep"):
             session.synchronize([namespace[n] for n in names])
@@ -129,7 +129,7 @@ class Executor:
             namespace.update(zip(names, session.download([namespace[n] for n in names])))
         call.leave_user_code()
 
-    def _collect(self, session: Session, msg: dict, namespace: dict, client: str, outputs: dict,
+    def _collect(self, session: Session, msg: CallRequest, namespace: dict, client: str, outputs: dict,
                  skipped: dict, kept: dict) -> None:
         """The outputs into ``outputs`` (packed), ``kept`` (handles) or ``skipped`` (why not)."""
         sent = 0  # bytes of outputs going home: bounded like the link (kaas.transfer)
@@ -157,7 +157,7 @@ class Executor:
             outputs[name] = packed
             sent += size
 
-    def _error(self, exc: BaseException, session: Session, msg: dict, call: RunningCall) -> dict:
+    def _error(self, exc: BaseException, session: Session, msg: CallRequest, call: RunningCall) -> ErrorInfo:
         """The reply's error: why a stopped call stopped, not where it was hit; a device out
         of memory said as such; else the exception with the cell's traceback."""
         if call.reason is not None:
@@ -247,11 +247,39 @@ class Executor:
         return value
 
 
-def failed_reply(exc: BaseException, execute: float = 0.0, worker_exiting: bool = False) -> dict:
+def failed_reply(exc: BaseException, execute: float = 0.0, worker_exiting: bool = False) -> Reply:
     """The reply of a call that ended before or instead of running its code."""
-    timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": execute, "to_host": 0.0}
-    return {"ok": False, "outputs": {}, "skipped": {}, "error": wrap_error(exc, None), "kept": {},
-            "timings": timings, "kernels": {}, "worker_exiting": worker_exiting}
+    timings: Timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": execute, "to_host": 0.0}
+    return protocol.reply(wrap_error(exc, None), timings, worker_exiting=worker_exiting)
+
+
+# -- the operations other than a cell: each a function, run as the user's code is (under
+# the call's timeout and isolation scope, its print output the caller's), its result an
+# output like a cell's (kept, sent home, or skipped the same way) --
+
+
+def _call(session: Session, msg: CallRequest, kernels: KernelNamespace, namespace: dict) -> None:
+    """kaas.call: one kernel, its arguments the inputs by parameter name."""
+    namespace[protocol.CALL_RESULT] = kernels._invoke(msg["kernel"], namespace)
+
+
+def _put(session: Session, msg: CallRequest, kernels: KernelNamespace, namespace: dict) -> None:
+    """Pool.put: a host array onto the device (kept there: the request says keep)."""
+    namespace[protocol.PUT_KEPT] = session.to_device(namespace[protocol.PUT_VALUE])
+
+
+def _fetch(session: Session, msg: CallRequest, kernels: KernelNamespace, namespace: dict) -> None:
+    """Pool.fetch: a kept buffer (its handle resolved with the inputs), on its way home."""
+    namespace[protocol.FETCH_VALUE] = namespace[protocol.FETCH_HANDLE]
+
+
+def _compile_kernel(session: Session, msg: CallRequest, kernels: KernelNamespace, namespace: dict) -> None:
+    """Pool.register: the kernel compiled (or loaded) here, and how."""
+    namespace[protocol.COMPILE_HOW] = kernels._compile(msg["kernel"])
+
+
+_OPERATIONS = {"call": _call, "put": _put, "fetch": _fetch, "compile": _compile_kernel}
+assert set(_OPERATIONS) | {"run"} == protocol.OPS
 
 
 def _cell_module(call_id: str) -> types.ModuleType:

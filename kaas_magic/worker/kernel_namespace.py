@@ -40,6 +40,8 @@ class KernelNamespace:
                           f"no {' or '.join(s.backend for s in specs)} device here")
 
     def _compile(self, name: str) -> str:
+        """The "compile" operation (Pool.register): kernel ``name`` compiled, or loaded from
+        a cache, on this worker's device; returns how ("compiled", "disk", ...)."""
         spec, session = self._session_for(name)
         _, how = session.kernel(spec, report=report_state)
         self.states[name] = how

@@ -17,14 +17,16 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any, cast
 
-from .. import backends, compile_cache, fastlink, isolation
+from .. import backends, compile_cache, fastlink, isolation, protocol
 from .. import config as kaas_config
 from ..backends.base import Offer, Session
 from ..buffer_store import BufferStore
 from ..call_stream import CallStream
 from ..device_slot import DeviceSlot, LeftQueue
 from ..errors import KaasError, KaasUsageError
+from ..protocol import CallRequest, MetricsRow, Reply
 from ..stopping import GRACE_S, RunningCall, check_seconds, stop_error
 from ..targets import KIND_ORDER, READY_RESOURCE
 from . import link
@@ -141,8 +143,9 @@ class WorkerRuntime:
 
     # -- the hot path: runs in the thread serving the caller's link (see fastlink) --
 
-    def handle_call(self, replier, **msg) -> dict | None:
+    def handle_call(self, replier, **fields: Any) -> Reply | None:
         received_at = time.time()
+        msg = cast(CallRequest, fields)  # typed, not validated: what matters is checked as it is used
         replier.call_id = msg.get("call_id")  # stamped on every reply (see fastlink.Replier)
         try:  # checked here too: a request need not come from kaas's client
             timeout = self._call_timeout(msg)
@@ -187,9 +190,13 @@ class WorkerRuntime:
             with self._stats_lock:
                 self.in_flight -= 1
 
-    def _call_timeout(self, msg: dict) -> float:
+    def _call_timeout(self, msg: CallRequest) -> float:
         """The request's timeout, checked (a bad one could switch the safety off), else the
-        maximum: no call runs unbounded. Its line offset is checked with it."""
+        maximum: no call runs unbounded. Its operation and line offset are checked with it."""
+        op = msg.get("op", "run")
+        if type(op) is not str or op not in protocol.OPS:
+            raise KaasUsageError(f"unknown operation (op) {op!r}: a worker runs "
+                                 f"{', '.join(sorted(protocol.OPS))}; nothing was run")
         timeout = msg.get("timeout")
         if timeout is None:
             timeout = self.max_timeout
@@ -201,9 +208,10 @@ class WorkerRuntime:
                                  f"not {line_offset!r}")
         return timeout
 
-    def _addressed(self, reply: dict, device: str, received_at: float) -> dict:
-        reply.update(kind="result", worker=self.worker.address, host=self.host, device=device,
-                     received_at=received_at, replied_at=time.time())
+    def _addressed(self, reply: Reply, device: str, received_at: float) -> Reply:
+        """Who answered and when, on a reply as protocol.reply built it."""
+        reply.update(worker=self.worker.address, host=self.host, device=device, received_at=received_at,
+                     replied_at=time.time())
         return reply
 
     def slot(self, session: Session) -> DeviceSlot:
@@ -242,7 +250,7 @@ class WorkerRuntime:
         every client asks every worker about once a second."""
         return {resource: self.slot(session).load() for resource, session in self.sessions.items()}
 
-    async def handle_metrics(self) -> list[dict]:
+    async def handle_metrics(self) -> list[MetricsRow]:
         return self.metrics()
 
     def info(self) -> dict:
@@ -271,14 +279,14 @@ class WorkerRuntime:
             ],
         }
 
-    def metrics(self) -> list[dict]:
+    def metrics(self) -> list[MetricsRow]:
         """One row per device on this worker, for the pool monitor."""
         by_device: dict[str, list[tuple[str, Session]]] = {}
         for resource, session in self.sessions.items():
             by_device.setdefault(session.device_id, []).append((resource, session))
         return [self._device_metrics(device_id, members) for device_id, members in by_device.items()]
 
-    def _device_metrics(self, device_id: str, members: list[tuple[str, Session]]) -> dict:
+    def _device_metrics(self, device_id: str, members: list[tuple[str, Session]]) -> MetricsRow:
         members.sort(key=lambda m: (KIND_ORDER[m[1].offer.service.kind], m[1].offer.service.target))
         session = members[0][1]
         service = session.offer.service

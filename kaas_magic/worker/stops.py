@@ -11,6 +11,7 @@ from typing import Callable
 
 from ..call_stream import CallStream
 from ..device_slot import DeviceSlot
+from ..protocol import Reply
 from ..stopping import HANGUP_POLL_S, HangupWatcher, RunningCall, Watchdog, stop_error
 from .execute import failed_reply
 
@@ -21,7 +22,7 @@ class CallStops:
     """``running``: each call queued or running, with its device's slot and, once it runs,
     its stream. ``addressed`` completes a reply as the runtime sends it."""
 
-    def __init__(self, worker, loop, grace: float, addressed: Callable[[dict, str, float], dict]):
+    def __init__(self, worker, loop, grace: float, addressed: Callable[[Reply, str, float], Reply]):
         self.worker = worker
         self.loop = loop
         self.grace = grace  # seconds a stopped cell has to end before its worker is replaced
@@ -93,6 +94,7 @@ class CallStops:
         call.abandoned = True
         stream.finish()
         error = stop_error(call, self.worker.address, replaced=True)
+        # Built as every reply is (see protocol.reply), saying the worker is on its way out.
         reply = self._addressed(failed_reply(error, execute=call.timeout or 0.0, worker_exiting=True), "", time.time())
         try:
             stream.replier.write(reply, timeout=0.2)
