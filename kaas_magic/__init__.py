@@ -81,6 +81,18 @@ def shutdown() -> None:
             _pool = None
 
 
+def use_pool(pool: "Pool | None") -> "Pool | None":
+    """Make ``pool`` the default pool that the magics and this module's functions use
+    (``None`` clears it, so the next use starts one). Returns the previous default, which
+    is left open: the caller owns both, and can put the previous one back with
+    ``use_pool(previous)``.
+    """
+    global _pool
+    with _pool_lock:
+        previous, _pool = _pool, pool
+        return previous
+
+
 def run(code: str, target: str = "cpu", **options: Any) -> "RunResult":
     """Run ``code`` on the default pool; see :meth:`kaas_magic.client.Pool.run`."""
     return pool().run(code, target, **options)
@@ -150,7 +162,7 @@ def unload_ipython_extension(ipython) -> None:
 
 
 __all__ = [
-    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "shutdown", "run", "run_cell", "last_run", "status",
+    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "use_pool", "shutdown", "run", "run_cell", "last_run", "status",
     "KaasError", "KaasUsageError", "RemoteError", "StaleHandleError", "TargetUnavailable", "VariableNotSendable",
     "WorkerLost",
 ]

@@ -50,7 +50,7 @@ def main(args) -> int:
     print(f"Starting the embedded pool ({args.workers} workers on 127.0.0.1) ...")
     t = time.perf_counter()
     pool = Pool.start(args.workers)
-    kaas._pool = pool  # make it the default pool, as %load_ext + %%kaas would
+    kaas.use_pool(pool)  # make it the default pool, as %load_ext + %%kaas would
     pool.wait_ready()
     print(f"Pool warm in {time.perf_counter() - t:.1f} s\n")
     print(pool.status(), "\n")
@@ -83,5 +83,5 @@ def main(args) -> int:
             f"{warm.timings.total * 1e3:8.1f}  {'correct' if good else 'WRONG'}"
         )
     pool.close()
-    kaas._pool = None
+    kaas.use_pool(None)
     return 1 if failures else 0

@@ -58,8 +58,8 @@ UNIX_BUFFER = 4 * 2**20
 
 def tune(sock: socket.socket) -> None:
     """TCP: no Nagle delay on small messages. Unix sockets: 4 MiB buffers, because with the
-    default ~200 KiB a megabyte crosses in many sender/receiver hand-offs and was slower
-    than over TCP here; with 4 MiB it is quicker."""
+    default buffer a megabyte crosses in many sender/receiver hand-offs, which can make a
+    Unix socket slower than TCP."""
     if sock.family == getattr(socket, "AF_UNIX", None):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNIX_BUFFER)

@@ -61,9 +61,14 @@ class DeviceHandle:
             size *= n
         return size
 
+    def owned_by(self, pool) -> bool:
+        """Whether ``pool`` made this handle (true even once that pool is closed)."""
+        return self._pool() is pool
+
     def pool(self):
+        """The pool that made this handle; StaleHandleError once it is closed or gone."""
         pool = self._pool()
-        if pool is None or pool._closed:
+        if pool is None or pool.closed:
             raise StaleHandleError(f"{self!r} belongs to a pool that is closed")
         return pool
 
@@ -81,7 +86,7 @@ class DeviceHandle:
             self.freed = True
             pool = self._pool()
             if pool is not None:
-                pool._release(self.worker, self.id)
+                pool.release(self.worker, self.id)
 
     def __del__(self):
         try:

@@ -31,9 +31,9 @@ def pool(cache_dir):
 
     pool = Pool.start(2)
     pool.wait_ready(timeout=240)
-    kaas_magic._pool = pool  # the magics use the same pool
+    kaas_magic.use_pool(pool)  # the magics use the same pool
     yield pool
-    kaas_magic._pool = None
+    kaas_magic.use_pool(None)
     pool.close()
 
 

@@ -75,7 +75,7 @@ def test_interrupting_the_notebook_stops_the_remote_cell(fpool, shell):
     import kaas_magic
 
     worker, _ = _two_workers(fpool)
-    previous, kaas_magic._pool = kaas_magic._pool, fpool
+    previous = kaas_magic.use_pool(fpool)
     try:
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         started = time.monotonic()
@@ -83,7 +83,7 @@ def test_interrupting_the_notebook_stops_the_remote_cell(fpool, shell):
             shell.run_cell_magic("kaas", f"cpu --quiet --worker {worker}", "n = 0\nwhile True:\n    n += 1")
         assert time.monotonic() - started < 4
     finally:
-        kaas_magic._pool = previous
+        kaas_magic.use_pool(previous)
     busy = [r["in_flight"] for r in fpool.metrics() if r["worker"] == worker]
     assert busy and not any(busy)  # nothing is left running there
     assert fpool.run("ok = True", "cpu", worker=worker, **QUIET).outputs["ok"]

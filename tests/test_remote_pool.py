@@ -99,8 +99,7 @@ def test_kaas_worker_serves_its_devices_to_a_remote_scheduler(remote):
 def test_magic_connect_switches_the_default_pool(remote, shell, pool):
     from IPython.utils.capture import capture_output
 
-    saved = kaas_magic._pool
-    kaas_magic._pool = None  # connect would otherwise close the session's pool
+    saved = kaas_magic.use_pool(None)  # connect would otherwise close the session's pool
     try:
         with capture_output() as out:
             shell.run_line_magic("kaas", f"connect {remote}")
@@ -112,19 +111,18 @@ def test_magic_connect_switches_the_default_pool(remote, shell, pool):
         assert kaas_magic.last_run().worker == kaas_magic.pool().routes()[0].address
     finally:
         kaas_magic.shutdown()
-        kaas_magic._pool = saved
+        kaas_magic.use_pool(saved)
 
 
 def test_environment_variable_points_start_at_a_scheduler(remote, pool, monkeypatch):
     monkeypatch.setenv("KAAS_SCHEDULER_ADDRESS", remote)
-    saved = kaas_magic._pool
-    kaas_magic._pool = None
+    saved = kaas_magic.use_pool(None)
     try:
         started = kaas_magic.start()
         assert started.cluster is None and started.scheduler_address == remote
     finally:
         kaas_magic.shutdown()
-        kaas_magic._pool = saved
+        kaas_magic.use_pool(saved)
 
 
 def test_a_worker_restarted_on_its_fixed_port_is_used_again(pool):

@@ -135,7 +135,16 @@ class Session:
     def store_cached(self, spec, compiled) -> None:
         """Save the compiled form to the disk cache."""
 
-    def kernel_stats(self, spec) -> dict:
+    def kernel_stats(self, spec=None) -> dict:
+        """Registered-kernel counters ("calls", "compiles", "disk_loads", "cache_hits",
+        "execute_s", and the kernel's "language") kept on this device.
+
+        With ``spec``: that kernel's counters, created at zero on first ask (keyed by
+        ``spec.name``). Without: every kernel's, as ``{name: counters}``. That dict is the
+        live one, shared by relabelled copies of a session (see ``Backend.open``), so
+        ``id()`` of it names the device's counters; read it, do not change it."""
+        if spec is None:
+            return self._kernel_stats
         return self._kernel_stats.setdefault(
             spec.name,
             {"language": spec.language, "calls": 0, "compiles": 0, "disk_loads": 0, "cache_hits": 0,

@@ -158,9 +158,8 @@ class OpenCLSession(Session):
 
         result = launch_c_kernel(
             spec, args, kwargs,
-            # Plain buffers, no memory pool: on PoCL a pool made uploads slower than letting
-            # the runtime allocate (whose memory the worker's malloc settings keep warm), for
-            # 400 KB and 16 MiB arrays alike.
+            # Plain buffers, no memory pool: on PoCL a pool makes uploads slower than letting
+            # the runtime allocate (whose memory the worker's malloc settings keep warm).
             allocate=self._empty,
             upload=lambda v: v if isinstance(v, cl_array.Array) else self.to_device(v),
             pointer=lambda array: array.data,

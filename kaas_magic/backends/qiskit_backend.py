@@ -1,7 +1,7 @@
 """Qiskit: the ``qpu`` target. Aer's simulator by default (labelled as a simulator), or an
 IBM Quantum backend when ``kaas.qpu.provider`` is ``ibm``.
 
-``transpile(qc, backend)`` rebuilds its pass manager on every call (~0.2 s); a session
+``transpile(qc, backend)`` rebuilds its pass manager on every call; a session
 builds one pass manager once and also caches transpiled circuits, in memory and on disk.
 
 The cache key is a digest of the circuit's complete QPY serialisation (every instruction
@@ -18,7 +18,6 @@ changing it leaves the cache alone. See docs/caches.md.
 
 from __future__ import annotations
 
-import collections
 import copy
 import hashlib
 import io
@@ -28,6 +27,8 @@ import sys
 import threading
 import uuid
 from typing import Any
+
+import cachetools
 
 from .. import config as kaas_config
 from ..compile_cache import DiskCache
@@ -78,8 +79,9 @@ class QiskitSession(Session):
         # circuit and everything else the transpiled form depends on (see _identity).
         self._disk = DiskCache(self.config, "qiskit")
         self._backend_identity = _identity(self.backend, optimization_level, seed)
-        self._transpiled: collections.OrderedDict = collections.OrderedDict()
-        self._parsed: collections.OrderedDict = collections.OrderedDict()  # OpenQASM text -> _Prepared
+        # LRU caches, read and written only under self._lock.
+        self._transpiled: cachetools.LRUCache = cachetools.LRUCache(self._CACHE_SIZE)
+        self._parsed: cachetools.LRUCache = cachetools.LRUCache(self._CACHE_SIZE)  # OpenQASM text -> _Prepared
         self.stats = {"transpile_hits": 0, "transpile_misses": 0, "transpile_uncached": 0}
         if self._sampler is None:  # never spend real QPU time on a warm-up
             bell = QuantumCircuit(2)
@@ -116,14 +118,11 @@ class QiskitSession(Session):
             with self._lock:
                 prepared = self._parsed.get(circuit)
                 if prepared is not None:
-                    self._parsed.move_to_end(circuit)
                     return prepared
             parsed = self._as_circuit(circuit)
             prepared = _Prepared(parsed, circuit_digest(parsed))
             with self._lock:
                 self._parsed[circuit] = prepared
-                if len(self._parsed) > self._CACHE_SIZE:
-                    self._parsed.popitem(last=False)
             return prepared
         circuit = self._as_circuit(circuit)
         # Circuits are mutable: the key is worked out from the circuit as it is now, every
@@ -158,7 +157,6 @@ class QiskitSession(Session):
         with self._lock:
             cached = self._transpiled.get(key)
             if cached is not None:
-                self._transpiled.move_to_end(key)
                 self.stats["transpile_hits"] += 1
                 return cached, "warm"
         disk_key = self._disk_key(key)
@@ -172,8 +170,6 @@ class QiskitSession(Session):
         with self._lock:
             self.stats["transpile_misses"] += 1
             self._transpiled[key] = transpiled
-            if len(self._transpiled) > self._CACHE_SIZE:
-                self._transpiled.popitem(last=False)
         return transpiled, how
 
     def _disk_key(self, digest: bytes) -> str:

@@ -256,6 +256,6 @@ def _defaults() -> Mapping[str, str]:
     return MappingProxyType(table)
 
 
-# Read-only views, for code that indexed the old tables.
+# Read-only mapping views of the tables, for code that indexes them by name.
 DEFAULT_BACKEND: Mapping[str, str] = _LazyTable(_defaults, "default backend of each target")
 LANGUAGES: Mapping[str, tuple[str, tuple[str, ...]]] = _LazyTable(languages, "kernel languages")

@@ -206,7 +206,7 @@ def _run_all(args: argparse.Namespace, arr: np.ndarray, cleanup: list[Callable[[
     n = args.calls
     print("starting the kaas pool (2 workers) ...", file=sys.stderr, flush=True)
     pool = Pool.start(2)
-    kaas_magic._pool = pool  # the magic and the API share this very pool
+    kaas_magic.use_pool(pool)  # the magic and the API share this very pool
     cleanup.append(kaas_magic.shutdown)
     pool.wait_ready()
     shell = InteractiveShell.instance()

@@ -91,7 +91,7 @@ def connect_client(address: str, security=None, timeout: float = 30):
     if failure is not None:
         # The half-made Client is garbage now. Collect it here: its __del__ takes the lock
         # of Dask's shared loop runner, and run later by chance (during the next Client's
-        # start, which holds that lock) it deadlocked a test process once.
+        # start, which holds that lock) it would deadlock.
         gc.collect()
         raise failure
     return client

@@ -66,7 +66,7 @@ class KeptData:
         return route, service, waited, inputs
 
     def check_handle(self, handle: DeviceHandle, live: set[str]) -> None:
-        if handle._pool() is not self._owner():
+        if not handle.owned_by(self._owner()):
             raise StaleHandleError(f"{handle!r} belongs to another pool")
         if handle.freed:
             raise StaleHandleError(f"{handle!r} was freed")

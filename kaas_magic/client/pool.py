@@ -226,9 +226,11 @@ class Pool:
         self._check_usable()
         return self._calls.operation(op, target, inputs, output, t_start, **options)
 
-    def _release(self, worker: str, id: str) -> None:
-        """Free a kept buffer (this may run in __del__): with the next call to that worker,
-        or within a second with the background refresh."""
+    def release(self, worker: str, id: str) -> None:
+        """Free the kept buffer ``id`` on ``worker`` (what ``DeviceHandle.free`` and a
+        handle's ``__del__`` call): with the next call to that worker, or within a second
+        with the background refresh. Safe to call from ``__del__``; does nothing once the
+        pool is closed (the workers drop a closed client's buffers themselves)."""
         if self._closed:
             return
         self._kept.release(worker, id)

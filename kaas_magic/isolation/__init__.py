@@ -22,7 +22,7 @@ view where that is possible, and its changes are undone after it where it is not
 
 ``docs/isolation.md`` lists what is handled how, and what is not, with the tests that show it.
 
-How, cheaply (a warm call costs about 0.15 ms; this adds a few microseconds):
+How, at little cost to a warm call:
 
 * The ``sys`` and ``warnings`` modules get a ``ModuleType`` subclass as their class (allowed
   since Python 3.5) whose properties answer the calling thread's call's own value; what a

@@ -9,7 +9,6 @@ the transfer limits; results asked to stay are kept as device buffers.
 from __future__ import annotations
 
 import builtins
-import collections
 import functools
 import linecache
 import random
@@ -19,6 +18,7 @@ import time
 import types
 from typing import Any
 
+import cachetools
 import numpy as np
 
 from .. import isolation, protocol, serial
@@ -45,7 +45,7 @@ class Executor:
         self.library = library
         self.max_value_bytes = max_value_bytes  # kaas.transfer.max-bytes
         self.max_message_bytes = max_message_bytes  # kaas.transfer.max-message-bytes
-        self._code_cache: collections.OrderedDict = collections.OrderedDict()
+        self._code_cache: cachetools.LRUCache = cachetools.LRUCache(512)  # under _code_lock
         self._code_lock = threading.Lock()
 
     def execute(self, session: Session, msg: CallRequest, output: CallStream, call: RunningCall) -> Reply:
@@ -171,7 +171,6 @@ class Executor:
         with self._code_lock:
             code = self._code_cache.get(key)
             if code is not None:
-                self._code_cache.move_to_end(key)
                 return code
         text = padded(source, line_offset)
         # dont_inherit: the cell gets exactly its own __future__ imports, as in the notebook,
@@ -181,8 +180,6 @@ class Executor:
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         with self._code_lock:
             self._code_cache[key] = code
-            if len(self._code_cache) > 512:
-                self._code_cache.popitem(last=False)
         return code
 
     def _too_large(self, name: str, value: Any, size: int, sent: int, client: str, session: Session,

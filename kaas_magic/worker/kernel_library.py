@@ -4,9 +4,10 @@ worker's sessions run a backend's kernels."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
+
+import cachetools
 
 from ..backends.base import Session
 
@@ -17,7 +18,7 @@ class KernelLibrary:
     def __init__(self, sessions: dict[str, Session]):
         self._sessions = sessions  # the runtime's, filled in as backends warm up
         self._library: dict | None = None
-        self._user_specs: collections.OrderedDict = collections.OrderedDict()  # see user_spec
+        self._user_specs: cachetools.LRUCache = cachetools.LRUCache(512)  # see user_spec; under _lock
         self._lock = threading.Lock()
 
     def specs(self) -> dict:
@@ -41,8 +42,6 @@ class KernelLibrary:
         spec = KernelSpec.from_dict(described)
         with self._lock:
             self._user_specs[key] = spec
-            if len(self._user_specs) > 512:
-                self._user_specs.popitem(last=False)
         return spec
 
     def sessions_for(self, backend: str, prefer: Session | None = None) -> list[Session]:
@@ -71,7 +70,7 @@ class KernelLibrary:
         """Each kernel's statistics (compiles, disk loads, cache hits, ...) per device."""
         rows, seen = [], set()
         for session in self._sessions.values():
-            stats = session._kernel_stats
+            stats = session.kernel_stats()
             key = id(stats)
             if key in seen:
                 continue

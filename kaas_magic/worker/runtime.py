@@ -295,7 +295,7 @@ class WorkerRuntime:
             memory_used, memory_total = session.memory()
         except Exception:  # a backend that cannot tell right now
             memory_used, memory_total = None, None
-        stats = session._kernel_stats
+        stats = session.kernel_stats()
         return {
             "worker": self.worker.address,
             "worker_name": str(self.worker.name),
