@@ -111,24 +111,10 @@ CHECKS = {"01-quickstart.ipynb": check_quickstart, "02-kernels.ipynb": check_ker
           "03-quantum.ipynb": check_quantum, "05-paper.ipynb": check_paper}
 
 
-@pytest.mark.timeout(600)
-def test_quickstart_runs_and_shows_real_results():
-    check_quickstart(execute("01-quickstart.ipynb"))
-
-
-@pytest.mark.timeout(600)
-def test_kernels_notebook_registers_calls_and_chains():
-    check_kernels(execute("02-kernels.ipynb"))
-
-
-@pytest.mark.timeout(600)
-def test_quantum_notebook_sweeps_and_registers_circuits_on_the_simulator():
-    check_quantum(execute("03-quantum.ipynb"))
-
-
 @pytest.mark.timeout(900)
-def test_paper_notebook_reproduces_the_table_and_shows_its_plot():
-    check_paper(execute("05-paper.ipynb"))
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_tour_notebook_runs_and_shows_real_results(name):
+    CHECKS[name](execute(name))
 
 
 @pytest.mark.parametrize("name", TOUR)
