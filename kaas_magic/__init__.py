@@ -19,6 +19,7 @@ the frameworks only on the workers.
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import config  # cheap: reads Dask's config only when first asked
@@ -94,18 +95,27 @@ def use_pool(pool: "Pool | None") -> "Pool | None":
 
 
 def run(code: str, target: str = "cpu", **options: Any) -> "RunResult":
-    """Run ``code`` on the default pool; see :meth:`kaas_magic.client.Pool.run`."""
+    """Run ``code`` on the default pool; see :meth:`kaas_magic.client.Pool.run`. A first
+    call that starts the pool counts the start in its record."""
+    options.setdefault("started", time.perf_counter())
     return pool().run(code, target, **options)
 
 
 def run_cell(code: str, target: str, namespace: dict, **options: Any) -> "RunResult":
     """Run ``code`` with inputs read from and outputs written to ``namespace``."""
+    options.setdefault("started", time.perf_counter())
     return pool().run_cell(code, target, namespace, **options)
 
 
 def call(name: str, *args: Any, **kwargs: Any) -> Any:
     """Run kernel ``name`` on the default pool: ``kaas.call("scale", a, k=2.0)``."""
+    kwargs.setdefault("started", time.perf_counter())
     return pool().call(name, *args, **kwargs)
+
+
+def pool_started() -> bool:
+    """Whether the default pool is started or connected (a call now would not wait for it)."""
+    return _pool is not None
 
 
 def put(value: Any, target: str = "cpu", **options: Any):
@@ -162,7 +172,7 @@ def unload_ipython_extension(ipython) -> None:
 
 
 __all__ = [
-    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "use_pool", "shutdown", "run", "run_cell", "last_run", "status",
+    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "use_pool", "pool_started", "shutdown", "run", "run_cell", "last_run", "status",
     "KaasError", "KaasUsageError", "RemoteError", "StaleHandleError", "TargetUnavailable", "VariableNotSendable",
     "WorkerLost",
 ]

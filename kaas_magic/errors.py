@@ -22,7 +22,44 @@ class KaasError(Exception):
     """Base class of errors raised by kaas-magic itself (not by user code)."""
 
     def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
+        return [f"{type(self).__name__}: {self}", *_cell_line(self)]
+
+
+def _cell_line(exc: BaseException) -> list[str]:
+    """Where in the user's cell a remote error happened (a timeout: where the cell was when
+    stopped), from the frames the worker sent: one line, or none."""
+    frames = [f for f in getattr(exc, "kaas_frames", None) or () if str(f[0]).startswith("<kaas")]
+    if not frames:
+        return []
+    filename, lineno, _, text = frames[-1]
+    return [f"  at {filename}, line {lineno}" + (f": {text}" if text else "")]
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """The notebook interrupted a call (its stop button, Ctrl-C). A KeyboardInterrupt, as
+    IPython and the user's own handlers expect; shown in a few lines: where the call was
+    stopped and what became of its worker, not kaas's own frames."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+class CellSyntaxError(KaasError, ValueError):
+    """A ``%%kaas`` cell that is not valid Python, shown as a normal cell's syntax error is:
+    the line and the caret, no frames (a SyntaxError itself IPython shows with every frame
+    of the magic). ``error`` is the original SyntaxError."""
+
+    def __init__(self, error: SyntaxError):
+        super().__init__(str(error))
+        self.error = error
+
+    def _render_traceback_(self) -> list[str]:
+        return [line.rstrip("\n") for line in traceback.format_exception_only(SyntaxError, self.error)]
+
+
+class OutputNotReturned(KaasError, LookupError):
+    """A name the user asked for (``--out``) did not come back; the message says why. The
+    names that did come back are assigned."""
 
 
 class KaasUsageError(KaasError, ValueError):
@@ -171,12 +208,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def wrap_error(exc: BaseException, filename: str | None, source: str | None = None,
-               line_offset: int = 0) -> dict:
+               line_offset: int = 0, traceback_of: BaseException | None = None) -> dict:
     """What the client needs to rebuild ``exc`` (see exception_state): its type, message
     and attributes, and the traceback from the cell's first frame on. The cell's own lines
     are quoted from ``source``, this call's code: linecache holds whichever cell of that
-    name this worker compiled last (another notebook's In[3], say)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    name this worker compiled last (another notebook's In[3], say). ``traceback_of``: the
+    exception whose traceback to show instead (where a stopped cell was when it stopped)."""
+    frames = traceback.extract_tb((traceback_of or exc).__traceback__)
     start = next((i for i, f in enumerate(frames) if f.filename == filename), None)
     frames = frames[start:] if start is not None else frames[-1:]
     # kaas's own frames between the cell and a kernel say nothing to the user.
@@ -218,17 +256,18 @@ def rebuild_error(error: dict, *, worker: str, where: str) -> BaseException:
         exc.kaas_worker = worker  # type: ignore[attr-defined]
         exc.kaas_frames = error.get("frames") or []  # type: ignore[attr-defined]
         return exc
-    header = f"{error['type']} on worker {worker} ({where})"
+    header = f"{error['type'].rsplit('.', 1)[-1]} on worker {worker}" + (f" ({where})" if where else "")
     frames = error.get("frames") or []
-    tb_lines = ["Traceback (most recent call last):\n"]
+    tb_lines = ["Traceback (most recent call last):\n"] if frames else []
     tb_lines += traceback.format_list([tuple(f) for f in frames])
     message = "".join(error.get("exception_only") or [f"{error['type']}: {error['message']}\n"])
-    rendered = [header, "".join(tb_lines).rstrip("\n"), message.rstrip("\n")]
+    rendered = [header, *(["".join(tb_lines).rstrip("\n")] if tb_lines else []), message.rstrip("\n")]
     try:
         exc._render_traceback_ = lambda: rendered  # type: ignore[attr-defined]
         exc.kaas_worker = worker  # type: ignore[attr-defined]
         exc.kaas_frames = frames  # type: ignore[attr-defined]
-        exc.add_note(f"(raised on kaas worker {worker}, {where})\n" + "".join(tb_lines).rstrip("\n"))
+        exc.add_note(f"(raised on kaas worker {worker}" + (f", {where}" if where else "") + ")\n"
+                     + "".join(tb_lines).rstrip("\n"))
     except (AttributeError, TypeError):  # exceptions with __slots__ and no __dict__
         pass
     return exc

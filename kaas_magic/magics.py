@@ -1,8 +1,9 @@
 """IPython magics: a thin skin over :mod:`kaas_magic`'s Python API.
 
 ``%%kaas TARGET [options]`` runs the cell on the pool. ``%kaas COMMAND`` manages the pool:
-``start``, ``connect``, ``status``, ``last``, ``kernels``, ``monitor``, ``panel``, ``stop``. Options are declared once here and
-shared, so every magic spells them the same way.
+``start``, ``connect``, ``status``, ``last``, ``kernels``, ``monitor``, ``panel``, ``log``,
+``stop``. Options are declared once here and shared, so every magic spells them the same
+way; ``%kaas?`` shows them all (see :func:`usage`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import functools
 import shlex
-import sys
+import time
 
+from IPython.core.displayhook import DisplayHook
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
 
+from .errors import CellInterrupted, CellSyntaxError, OutputNotReturned
 from .targets import BACKENDS, TARGETS
 
 
@@ -55,7 +58,8 @@ def run_options(func):
 
 
 @magic_arguments()
-@argument("target", choices=list(TARGETS), help="where to run: " + ", ".join(f"{t} ({d})" for t, d in TARGETS.items()))
+@argument("target", choices=list(TARGETS), metavar="TARGET",
+          help="where to run: " + ", ".join(f"{t} ({d})" for t, d in TARGETS.items()))
 @argument("--register", "-r", metavar="SIGNATURE",
           help="register the cell as a kernel instead of running it: its name, or its signature "
                "such as 'scale(a: float32[n], out: out float32[n], k: float32)'")
@@ -64,11 +68,19 @@ def _cell_parser():
     """%%kaas TARGET [options]: run the cell on a warm worker serving TARGET."""
 
 
+# Shown to users as "%%kaas", in argparse's own plain format (magic_arguments' formatter
+# writes reStructuredText markup and names the parser after this function).
+_cell_parser.parser.prog = "%%kaas"
+_cell_parser.parser.formatter_class = argparse.HelpFormatter
+
+
 def _command_parser() -> MagicArgumentParser:
-    parser = MagicArgumentParser(prog="%kaas", description="Manage the kaas pool.")
+    parser = MagicArgumentParser(prog="%kaas", description="Manage the kaas pool.",
+                                 formatter_class=argparse.HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=argparse.HelpFormatter)  # plain text
     start = sub.add_parser("start", help="start the embedded pool (LocalCluster on 127.0.0.1)")
-    start.add_argument("--workers", "-n", type=int, default=None, help="number of worker processes")
+    start.add_argument("--workers", "-n", type=int, default=None, metavar="N", help="number of worker processes")
     connect = sub.add_parser("connect", help="use an existing Dask scheduler")
     connect.add_argument("address", help="scheduler address, e.g. tcp://10.0.0.5:8786")
     sub.add_parser("status", help="workers, their targets and devices, calls in flight")
@@ -76,6 +88,7 @@ def _command_parser() -> MagicArgumentParser:
     sub.add_parser("kernels", help="registered kernels: signature, where compiled, compile count")
     sub.add_parser("monitor", help="live view of every device in the pool: occupancy, utilisation, latency")
     sub.add_parser("panel", help="the monitor, docked in a JupyterLab side panel")
+    sub.add_parser("log", help="the pool's log: Dask's and the workers' own messages, kept out of cells")
     sub.add_parser("stop", help="close the pool (and the embedded cluster)")
     return parser
 
@@ -94,22 +107,54 @@ def _parsed_cell_line(line: str) -> argparse.Namespace:
     return parse_argstring(_cell_parser, line)
 
 
+_EXAMPLES = """\
+Examples:
+  %%kaas gpu                   run the cell on a GPU worker; xp is CuPy there
+  %%kaas gpu --fallback        ... or on a CPU stand-in (labelled FALLBACK) when the pool has no GPU
+  %%kaas cpu --in x --out y    send only x, bring back only y
+  %%kaas tpu --timeout 10      stop the cell after 10 s
+  %%kaas gpu --keep            leave array results on the device as handles
+  %%kaas gpu -r 'scale(a: float32[n], out: out float32[n], k: float32)'
+                               register the cell (CUDA C) as a kernel; then kaas.call("scale", a, k=2.0)
+
+  %kaas start -n 2             start the embedded pool with 2 workers
+  %kaas connect tcp://10.0.0.5:8786
+                               use an existing Dask scheduler
+  %kaas status                 workers, their devices, calls in flight
+  %kaas last                   where the latest cell ran and where its time went
+  %kaas kernels                registered kernels and where they are compiled
+  %kaas monitor                live view of every device (%kaas panel: in a side panel)
+  %kaas log                    the pool's own log messages
+  %kaas stop                   close the pool
+"""
+
+
+def usage() -> str:
+    """The help of ``%%kaas`` and ``%kaas`` (what ``%kaas?`` shows): every option, every
+    command, examples."""
+    commands = _COMMANDS._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    lines = [_cell_parser.parser.format_help().rstrip(), "", "%kaas COMMAND: manage the pool", "", "commands:"]
+    for name, sub in commands.items():
+        summary = next(a.help for a in _COMMANDS._subparsers._group_actions[0]._choices_actions if a.dest == name)
+        lines.append(f"  {sub.format_usage().removeprefix('usage: ').strip():<32} {summary}")
+    return "\n".join(lines) + "\n\n" + _EXAMPLES
+
+
 @magics_class
 class KaasMagics(Magics):
     @line_cell_magic
     def kaas(self, line: str, cell: str | None = None):
-        """Run a cell on the kaas pool (``%%kaas TARGET``) or manage it (``%kaas COMMAND``).
-
-        Targets: gpu, tpu, fpga, qpu, cpu. Commands: start, connect, status, last, kernels,
-        monitor, panel, stop.
-        """
+        # The docstring, what %kaas? shows, is usage() (set below).
         if cell is None:
             return self._command(line)
         return self._run(line, cell)
 
+    kaas.__doc__ = usage()
+
     # -- %%kaas TARGET --
 
     def _run(self, line: str, cell: str):
+        started = time.perf_counter()  # the cell's wait for a pool that is still starting counts
         import kaas_magic as kaas
 
         try:
@@ -125,31 +170,49 @@ class KaasMagics(Magics):
         from .widgets import inline_view
 
         shell = self.shell
+        # The prompt's number: IPython counts the cell running now as execution_count.
         filename = f"<kaas In[{shell.execution_count}]>"
+        try:
+            exclude = _ipython_machinery(shell, cell, filename)
+        except SyntaxError as e:  # like a normal cell's: the line and the caret, no frames
+            raise CellSyntaxError(e) from None
         view = None if args.quiet else inline_view()
-        result = kaas.run_cell(
-            cell,
-            args.target,
-            shell.user_ns,
-            inputs=_names(args.inputs),
-            outputs=_names(args.outputs),
-            exclude=_ipython_machinery(shell, cell, filename),
-            backend=args.backend,
-            fallback=args.fallback,
-            worker=args.worker,
-            filename=filename,
-            line_offset=1,  # the %%kaas line is line 1 of the notebook cell
-            keep=args.keep,
-            timeout=args.timeout,
-            retries=args.retries,
-            progress=view.update if view is not None else None,
-        )
-        for name, reason in result.record.skipped.items():
-            print(f"kaas: {name!r} not returned: {reason}", file=sys.stderr)
+        if view is not None and not kaas.pool_started():
+            from .record import RunRecord
+
+            view.update("starting", RunRecord(call_id="", target=args.target, waiting_for="starting the pool"))
+        try:
+            result = kaas.run_cell(
+                cell,
+                args.target,
+                shell.user_ns,
+                inputs=_names(args.inputs),
+                outputs=_names(args.outputs),
+                exclude=exclude,
+                backend=args.backend,
+                fallback=args.fallback,
+                worker=args.worker,
+                filename=filename,
+                line_offset=1,  # the %%kaas line is line 1 of the notebook cell
+                keep=args.keep,
+                timeout=args.timeout,
+                retries=args.retries,
+                progress=view.update if view is not None else None,
+                value=not DisplayHook.semicolon_at_end_of_expression(cell),
+                started=started,
+            )
+        except KeyboardInterrupt as e:
+            if hasattr(e, "_render_traceback_"):  # the worker's word on where it stopped
+                raise
+            raise CellInterrupted(_interrupted_where(view)) from None
         if not args.quiet and view is None:
             from IPython.display import display
 
             display(result.record)
+        asked = [n for n in _names(args.outputs) or () if n in result.record.skipped and n not in result.outputs]
+        if asked:  # the user named these: not getting them is an error, not a note
+            raise OutputNotReturned("; ".join(f"{n!r} not returned: {result.record.skipped[n]}" for n in asked))
+        return result.value
 
     def _register(self, args, cell: str):
         import kaas_magic as kaas
@@ -201,11 +264,29 @@ class KaasMagics(Magics):
         if args.command == "panel":
             kaas.panel()
             return None
+        if args.command == "log":
+            from . import pool_log
+
+            return pool_log.show()
         if args.command == "stop":
             kaas.shutdown()
             print("kaas pool closed")
             return None
         raise UsageError(_COMMANDS.format_usage())
+
+
+def _interrupted_where(view) -> str:
+    """What an interrupt outside the exchange with the worker stopped (routing, sending,
+    reading the results): said from the run view's last state when there is one."""
+    state = view.state if view is not None else ""
+    record = view.record if view is not None else None
+    if state == "starting":
+        return f"stopped while waiting: {record.waiting_for}" if record and record.waiting_for else "stopped while waiting for the pool"
+    if state in ("queued", "sending"):
+        return "stopped while queued, before the call reached " + (f"worker {record.worker}" if record and record.worker else "a worker") + ": nothing ran"
+    if state == "receiving":
+        return "stopped while the results came home: the cell ran, its variables were not all assigned"
+    return "the cell was stopped (nothing more is known of the call; see %kaas last)"
 
 
 def _ipython_machinery(shell, cell: str, filename: str) -> set[str]:

@@ -19,6 +19,7 @@ addresses it (who answered, when) as it sends it.
 
 # No ``from __future__ import annotations``: TypedDict tells NotRequired keys apart at run
 # time only from evaluated annotations (its __required_keys__, which the tests read).
+from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict, get_args
 
 Op = Literal["run", "call", "put", "fetch", "compile"]
@@ -28,6 +29,9 @@ OPS: frozenset[str] = frozenset(get_args(Op))
 PUT_VALUE, PUT_KEPT = "__value", "__kept"
 FETCH_HANDLE, FETCH_VALUE = "__handle", "__value"
 CALL_RESULT = "__result"
+# The value of a cell's final expression, when the request asks for it: an output like the
+# others (sent home, kept, or skipped under the same rules), named apart from any variable.
+CELL_VALUE = "__kaas_value__"
 COMPILE_HOW = "__how"
 
 
@@ -48,6 +52,7 @@ class CallRequest(TypedDict):
     code: NotRequired[str]  # "run"
     line_offset: NotRequired[int]  # "run": lines above the cell in its notebook cell
     outputs_explicit: NotRequired[bool]  # "run": say which outputs the cell did not assign
+    value: NotRequired[bool]  # "run": send home the value of a final expression (as CELL_VALUE)
     kernel: NotRequired[str]  # "call", "compile": the kernel's name
     kernels: NotRequired[list[dict]]  # registered kernels (KernelSpec.to_dict) the call may use
 
@@ -154,3 +159,15 @@ def reply(error: ErrorInfo | None, timings: Timings, outputs: dict[str, Any] | N
             "skipped": {} if skipped is None else skipped, "error": error, "kept": {} if kept is None else kept,
             "timings": timings, "kernels": {} if kernels is None else kernels, "worker_exiting": worker_exiting,
             "worker": "", "host": "", "device": "", "received_at": 0.0, "replied_at": 0.0}
+
+
+@dataclass(frozen=True)
+class ValueRepr:
+    """A cell's value that could not travel (an OpenCL ``Program``, a lock): its ``repr``,
+    made on the worker, which is what the notebook shows as the cell's output."""
+
+    text: str
+    type_name: str
+
+    def __repr__(self) -> str:
+        return self.text

@@ -55,6 +55,7 @@ class RunningCall:
     reason: str | None = None  # "timeout" | "interrupt" | "caller gone" once asked to stop
     abandoned: bool = False  # did not stop in time: the worker is being replaced
     escalating: bool = False  # the worker's replacement is scheduled should it not stop
+    received_at: float = 0.0  # wall clock when the request arrived (for the record's phases)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def enter_user_code(self) -> None:
@@ -76,11 +77,16 @@ class RunningCall:
             return _raise_in_thread(self.thread, StopCall)
 
 
-def stop_error(call: RunningCall, worker: str, replaced: bool) -> BaseException:
+def stop_error(call: RunningCall, worker: str, replaced: bool, queued: bool = False) -> BaseException:
     """What the caller of a stopped call is told: why it stopped, and what became of its
-    worker (stopped in place, or replaced as it did not stop within GRACE_S)."""
-    how = (f"it did not stop within {GRACE_S:.0f} s, so worker {worker} is being replaced "
-           f"by a fresh one" if replaced else f"it was stopped in place on worker {worker}; the worker goes on")
+    worker (stopped in place, or replaced as it did not stop within GRACE_S); ``queued``
+    when it was stopped before its turn came, so none of it ran."""
+    if queued:
+        how = f"it was stopped while queued on worker {worker}, before any of it ran"
+    elif replaced:
+        how = f"it did not stop within {GRACE_S:.0f} s, so worker {worker} is being replaced by a fresh one"
+    else:
+        how = f"it was stopped in place on worker {worker}; the worker goes on"
     if call.reason == "timeout":
         return CallTimeout(f"the cell ran past its timeout of {call.timeout:g} s: {how}")
     if call.reason == "caller gone":

@@ -154,3 +154,20 @@ def test_status_lists_workers_services_and_counts(pool):
         assert worker["backends"]["numpy"].startswith("ready")
     assert sum(row["calls"] for row in status.rows()) >= 1
     assert "<table>" in status._repr_html_()
+
+
+def test_the_value_of_a_final_expression_comes_home_under_the_rules_of_outputs(pool):
+    x = np.arange(6, dtype=np.float32)
+    result = pool.run("y = x * 2\ny.sum()", "cpu", inputs={"x": x}, stdout=io.StringIO())
+    assert result.value == float((x * 2).sum()) and "y" in result.outputs
+    assert "__kaas_value__" not in result.outputs and result.record.outputs == ("y",)
+    assert pool.run("x * 2", "cpu", inputs={"x": x}, value=False).value is None  # asked not to: not sent
+    assert pool.run("z = 1", "cpu").value is None  # a statement has no value
+    kept = pool.run("x * 3", "cpu", inputs={"x": x}, keep=True).value  # with keep: left on the device
+    np.testing.assert_array_equal(kept.get(), x * 3)
+    # A value that cannot travel comes back as its repr, made on the worker.
+    shown = pool.run("import threading\nthreading.Lock()", "cpu").value
+    assert "_thread.lock" in repr(shown) and shown.type_name == "_thread.lock"
+    # The expression runs once: a value with side effects is not evaluated twice.
+    counted = pool.run("hits = []\nhits.append(1) or len(hits)", "cpu")
+    assert counted.value == 1 and counted.outputs["hits"] == [1]

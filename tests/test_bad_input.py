@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from kaas_magic import TargetUnavailable, VariableNotSendable
+from kaas_magic.errors import CellSyntaxError
 from kaas_magic.kernelspec import KernelArgumentError, KernelCompileError, KernelError
 
 QUIET = {"stdout": io.StringIO()}
@@ -50,7 +51,7 @@ CASES = {
     "wrong shape": (lambda ip, pool: pool.call("vector_add", np.ones(3, np.float32), np.ones(4, np.float32)),
                     KernelArgumentError, r"argument 'b' has n=4 but an earlier argument set n=3"),
     "empty cell": (lambda ip, pool: magic(ip, "cpu", "   \n"), UsageError, r"the cell is empty"),
-    "syntax error": (lambda ip, pool: magic(ip, "cpu", "x = 1\ny = (2 +\n"), SyntaxError, None),
+    "syntax error": (lambda ip, pool: magic(ip, "cpu", "x = 1\ny = (2 +\n"), CellSyntaxError, r"never closed"),
     "malformed OpenQASM": (lambda ip, pool: pool.run("c = run(text)", "qpu", inputs={"text": "OPENQASM 2.0;\nqreg q[2;"},
                                                      **QUIET), ValueError, r"malformed OpenQASM program"),
     "circuit wider than the simulator": (
@@ -71,7 +72,7 @@ def test_bad_input_is_a_clear_error(ip, pool, case):
     with pytest.raises(error, match=pattern) as caught:
         action(ip, pool)
     if case == "syntax error":
-        assert caught.value.lineno == 3  # the notebook cell's line, counting the %%kaas line
+        assert caught.value.error.lineno == 3  # the notebook cell's line, counting the %%kaas line
 
 
 def test_the_pool_is_healthy_after_the_whole_table(ip, pool):

@@ -97,9 +97,20 @@ def test_fpga_fallback_runs_opencl_on_pocl(ip, x):
     np.testing.assert_array_equal(ip.user_ns["w"], x[:1024] * 2)
     np.testing.assert_array_equal(ip.user_ns["buf"], x[:1024] * 2)  # device array came home
     assert "prg" not in ip.user_ns
-    assert "'prg' not returned" in out.stderr and "pyopencl" in out.stderr
+    # A name the user did not ask for that cannot travel is a note in the record, not an error line.
+    assert "not returned" not in out.stderr
     record = kaas_magic.last_run()
     assert record.fallback and record.backend == "opencl" and "prg" in record.skipped
+    assert any(note.startswith("'prg' not returned") and "pyopencl" in note for note in record.notes)
+
+
+def test_a_name_asked_for_with_out_that_cannot_travel_is_an_error_naming_it(ip):
+    result, out = run(ip, "%%kaas cpu --out lock,n\nimport threading\nlock = threading.Lock()\nn = 3\n")
+    assert not result.success
+    assert type(result.error_in_exec).__name__ == "OutputNotReturned"
+    assert "'lock' not returned" in str(result.error_in_exec) and "_thread.lock" in str(result.error_in_exec)
+    assert ip.user_ns["n"] == 3  # what did come back is assigned
+
 
 
 def test_gpu_fallback_is_a_labelled_cpu_stand_in(ip, x):
@@ -194,8 +205,12 @@ def test_custom_exception_class_from_the_cell(ip):
 def test_syntax_error_is_reported_before_anything_runs(ip, pool):
     before = kaas_magic.last_run()
     result, out = run(ip, "%%kaas cpu\na = 1\nb = (\n")
-    assert isinstance(result.error_in_exec, SyntaxError)
-    assert result.error_in_exec.lineno == 3
+    err = result.error_in_exec
+    assert isinstance(err, kaas_magic.errors.CellSyntaxError) and isinstance(err.error, SyntaxError)
+    assert err.error.lineno == 3 and err.error.filename.startswith("<kaas In[")
+    # Shown like a normal cell's syntax error: the cell's line and the caret, no frames.
+    shown = "\n".join(err._render_traceback_())
+    assert "b = (" in shown and "^" in shown and "magics.py" not in shown and len(shown.splitlines()) <= 8
     assert kaas_magic.last_run() is before  # nothing was sent
 
 
@@ -208,7 +223,9 @@ def test_unsendable_variable_is_refused_by_name_and_type(ip):
     err = result.error_in_exec
     assert isinstance(err, kaas_magic.VariableNotSendable)
     assert "'lock'" in str(err) and "lock" in err.type_name.lower()
-    assert kaas_magic.last_run() is before
+    record = kaas_magic.last_run()  # refused before sending: its record says so
+    assert record is not before and not record.ok and record.error == "VariableNotSendable"
+    assert record.bytes_in == 0 and record.timings.execute == 0
 
 
 def test_unknown_target_lists_valid_targets(ip):

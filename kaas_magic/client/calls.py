@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TextIO, cast
 
 from .. import config as kaas_config
-from .. import serial
+from .. import pool_log, serial
 from ..errors import (
     CallTimeout,
+    CellInterrupted,
     KaasError,
     LinkBroken,
     VariableNotSendable,
@@ -31,7 +32,7 @@ from ..errors import (
     rebuild_remote_exception,
 )
 from ..handles import handles_in
-from ..protocol import CallRequest, ErrorInfo, Op, Reply
+from ..protocol import CELL_VALUE, CallRequest, ErrorInfo, Op, Reply
 from ..record import RunRecord, Timings
 from ..stopping import REPLY_MARGIN_S, check_call_options, check_count, max_timeout
 
@@ -42,6 +43,9 @@ class RunResult:
     record: RunRecord
     stdout: str = ""
     stderr: str = ""
+    # The value of the code's final expression, as IPython keeps a cell's (None when the
+    # code ends in a statement, or its value was not asked for).
+    value: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return self.outputs[name]
@@ -60,10 +64,16 @@ class CallPath:
         self.embedded = embedded
         self.counter = itertools.count(1)
         self.last_record: RunRecord | None = None
+        # perf_counter() when the pool became usable: a call that began before waited for
+        # it, and that wait is its startup phase.
+        self.ready_at = 0.0
+        self.devices: dict[tuple[str, str], str] = {}  # (service resource, worker) -> its device
 
     def run(self, code: str, target: str, inputs, outputs, filename, line_offset, kernels: dict, t_start: float, *,
-            backend, fallback, worker, stdout, stderr, keep, progress, timeout, retries) -> RunResult:
-        """Pool.run, once the pool is known usable: the cell's request, then :meth:`submit`."""
+            backend, fallback, worker, stdout, stderr, keep, progress, timeout, retries, value: bool = True) -> RunResult:
+        """Pool.run, once the pool is known usable: the cell's request, then :meth:`submit`.
+        ``inputs``: a mapping, or :class:`CellInputs` (what Pool.run_cell sends, chosen once
+        the call is routed)."""
         from ..cellcode import analyse
 
         # Named by content, so that running the same code again hits the parse cache here
@@ -73,11 +83,13 @@ class CallPath:
         info = analyse(code, filename, line_offset)  # SyntaxError here: nothing is sent
         body = {
             "op": "run", "code": code, "filename": filename, "line_offset": line_offset,
-            "outputs_explicit": outputs is not None,
+            "outputs_explicit": outputs is not None, "value": bool(value),
             "kernels": [k.to_dict() for k in kernels.values()] if "kernels" in info.reads else [],
         }
         output_names = list(outputs) if outputs is not None else list(info.writes)
-        return self.submit(body, target, dict(inputs or {}), output_names,
+        if not isinstance(inputs, CellInputs):
+            inputs = dict(inputs or {})
+        return self.submit(body, target, inputs, output_names,
                            backend=backend, fallback=fallback, worker=worker, stdout=stdout, stderr=stderr,
                            keep=keep, progress=progress, timeout=timeout, retries=retries, t_start=t_start)
 
@@ -105,40 +117,67 @@ class CallPath:
                                               inputs if backend == "qiskit" and body["op"] == "call" else None)
         started_wall = time.time() - (time.perf_counter() - t_start)
         call_id = f"{self.client_id[:16]}-{next(self.counter)}"  # unique across clients and hosts
+        record = RunRecord(call_id=call_id, target=target, started_at=started_wall)
+        clock = _Clock(t_start, self.ready_at)
+        log_mark = pool_log.mark()  # the pool's warnings during this call become one note
+        user_report = progress or _ignore
 
-        route, service, waited, inputs = self.kept.route_with_data(target, backend, fallback, worker, inputs)
-        record = RunRecord(
-            call_id=call_id, target=target, backend=service.backend, kind=service.kind,
-            worker=route.address, host=route.host, inputs=tuple(inputs),
-            started_at=started_wall,
-        )
-        t_routed = time.perf_counter()
-        report = progress or _ignore
-        report("queued", record)
+        def report(state: str, record: RunRecord) -> None:
+            clock.state = state
+            user_report(state, record)
 
-        report("sending", record)
-        serialized, record.bytes_in = _serialize_inputs(inputs)
-        t_serialized = time.perf_counter()
+        def waiting(why: str) -> None:
+            record.waiting_for = why
+            report("starting", record)
 
-        message = cast(CallRequest, {
-            **body,
-            "service": service.resource,
-            "inputs": serialized,
-            "outputs": output_names,
-            "client": self.client_id,
-            "call_id": call_id,
-            "timeout": float(timeout) if timeout is not None else None,
-            "keep": keep,
-            "progress": progress is not None,
-            "free": self.kept.frees_for(route.address),
-        })
-        sent = self._send(message, record, report, (target, backend, fallback, worker), inputs, retries,
-                          stdout or sys.stdout, stderr or sys.stderr)
-        reply, out, sent_at, t_received = sent
+        try:
+            if clock.startup:  # this call waited for the pool to start
+                record.cold = True
+            cell_inputs = inputs if isinstance(inputs, CellInputs) else None
+            route, service, waited, inputs = self.kept.route_with_data(
+                target, backend, fallback, worker, cell_inputs.candidates() if cell_inputs else inputs,
+                on_wait=waiting)
+            clock.routed(waited)
+            if cell_inputs is not None:  # routed on every candidate; sent: those not injected there
+                sent = cell_inputs.for_backend(service.backend)
+                inputs = {name: value for name, value in inputs.items() if name in sent}
+            record.backend, record.kind, record.worker, record.host = (service.backend, service.kind,
+                                                                        route.address, route.host)
+            record.device, record.inputs, record.waiting_for = self._device(service.resource, route.address), \
+                tuple(inputs), ""
+            record.cold = record.cold or waited
+            report("queued", record)
+            report("sending", record)
+            serialized, record.bytes_in = _serialize_inputs(inputs)
+            clock.serialized()
+            message = cast(CallRequest, {
+                **body,
+                "service": service.resource,
+                "inputs": serialized,
+                "outputs": output_names,
+                "client": self.client_id,
+                "call_id": call_id,
+                "timeout": float(timeout) if timeout is not None else None,
+                "keep": keep,
+                "progress": progress is not None,
+                "free": self.kept.frees_for(route.address),
+            })
+            reply, out, sent_at, t_received = self._send(
+                message, record, report, (target, backend, fallback, worker), inputs, retries,
+                stdout or sys.stdout, stderr or sys.stderr, clock)
+        except BaseException as e:  # ended before its reply: the phases up to here, and the rest
+            record.timings = clock.cut_short(time.perf_counter())
+            if record.worker and not record.device:  # learnt meanwhile, with the worker's endpoint
+                record.device = self._device(service.resource, record.worker)
+            record.ok, record.error = False, _short_name(type(e))
+            _note_pool_warnings(record, log_mark)
+            self.last_record = record
+            report("cancelled" if isinstance(e, KeyboardInterrupt) else "error", record)
+            raise
         if reply["worker_exiting"]:
             self.control.forget_worker(record.worker)
 
-        result_outputs, deserialize_time = {}, 0.0
+        result_outputs, deserialize_time, value = {}, 0.0, None
         if reply["ok"]:
             report("receiving", record)
             t = time.perf_counter()
@@ -146,27 +185,42 @@ class CallPath:
             record.skipped = {**reply["skipped"], **skipped}
             for name, kept in reply["kept"].items():
                 result_outputs[name] = self.kept.handles(kept, record.worker, message["service"], reply["device"])
+            value = result_outputs.pop(CELL_VALUE, None)
+            if CELL_VALUE in record.skipped:
+                record.skipped["the cell's value"] = record.skipped.pop(CELL_VALUE)
+            record.notes += [f"{name} not returned: {why}" if name == "the cell's value" else
+                             f"{name!r} not returned: {why}" for name, why in record.skipped.items()]
             deserialize_time = time.perf_counter() - t
         t_end = time.perf_counter()
 
-        record.timings = _timings(reply, (t_start, t_routed, t_serialized, t_received, t_end), sent_at,
-                                  deserialize_time)
-        record.device = reply["device"]
+        record.timings = clock.replied(reply, sent_at, t_received, t_end, deserialize_time)
+        record.device = reply["device"] or record.device
+        if reply["device"]:
+            self.devices[message["service"], record.worker] = reply["device"]
         record.kernels = dict(reply["kernels"])
-        record.cold = waited or reply["timings"]["warm_wait"] > 0.001
+        record.cold = record.cold or reply["timings"]["warm_wait"] > 0.001
         record.outputs = tuple(result_outputs)
         record.ok = bool(reply["ok"])
+        _note_pool_warnings(record, log_mark)
         self.last_record = record
         if not record.ok:
             error = reply["error"]
-            record.error = error["type"]
+            record.error = error["type"].rsplit(".", 1)[-1]
             report("error", record)
             raise _remote_exception(error, record)
         report("done", record)
-        return RunResult(result_outputs, record, *out)
+        return RunResult(result_outputs, record, *out, value=value)
+
+    def _device(self, resource: str, address: str) -> str:
+        """The device behind a service of a worker, as far as known before the call's reply."""
+        device = self.devices.get((resource, address))
+        if device is None:
+            endpoint = self.control.endpoints.get(address) or {}
+            device = (endpoint.get("devices") or {}).get(resource, "")
+        return device
 
     def _send(self, message: CallRequest, record: RunRecord, report, where: tuple, inputs: dict, retries: int,
-              stdout: TextIO, stderr: TextIO):
+              stdout: TextIO, stderr: TextIO, clock: "_Clock"):
         """Send the call and wait for its reply; on a worker lost under it, route the call
         again (``retries`` times: ``where`` is its target, backend, fallback and worker).
         The record follows the worker."""
@@ -176,29 +230,26 @@ class CallPath:
             in_flight[address] += 1
             try:
                 sent_at = time.time()
-                reply, out = self.exchange(address, message, stdout, stderr, lambda state: report(state, record))
+                reply, out = self.exchange(address, message, stdout, stderr, lambda state: report(state, record),
+                                           clock.sent)
                 return reply, out, sent_at, time.perf_counter()
             except WorkerLost as e:
                 if not self.embedded and not self.control.scheduler_answers():
                     raise self.control.lost_scheduler_error() from e  # the worker went with its scheduler
                 # Kept inputs died with the worker: nothing to retry with.
                 if retries <= 0 or any(True for v in inputs.values() for _ in handles_in(v)):
-                    record.ok, record.error = False, type(e).__name__
-                    report("error", record)
                     raise
                 retries -= 1
                 route, service = self.control.reroute_after_loss(address, *where)
                 record.worker, record.host = route.address, route.host
+                record.device = self._device(service.resource, route.address)
                 message["service"] = service.resource
-            except BaseException as e:
-                record.ok, record.error = False, type(e).__name__
-                report("cancelled" if isinstance(e, KeyboardInterrupt) else "error", record)
-                raise
             finally:  # off the worker it was counted on (a reroute has changed record.worker)
                 in_flight[address] -= 1
 
     def exchange(self, address: str, message: CallRequest, stdout: TextIO, stderr: TextIO,
-                 on_state: Callable[[str], None]) -> tuple[Reply, tuple[str, str]]:
+                 on_state: Callable[[str], None],
+                 on_sent: Callable[[], None] | None = None) -> tuple[Reply, tuple[str, str]]:
         """Send one call and relay its streamed output, in the caller's thread, over a
         direct link to the worker (see fastlink): printing lands where the caller is (the
         right notebook cell), and no event loop sits in the hot path."""
@@ -219,6 +270,8 @@ class CallPath:
         try:
             link.sock.settimeout(budget + REPLY_MARGIN_S)
             link.send(message)
+            if on_sent is not None:
+                on_sent()
             while True:
                 # A Reply, a Refused or a StreamMessage (see protocol); read with .get() until
                 # its kind is known: nothing the peer sends is trusted.
@@ -231,7 +284,7 @@ class CallPath:
                 link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
             link.sock.settimeout(None)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(self._cancel_remote(address, call_id, link)) from None
+            raise self._cancel_remote(address, call_id, link) from None
         except _Mismatch as e:
             link.close()
             raise LinkBroken(
@@ -287,66 +340,142 @@ class CallPath:
             f"the link to worker {address} broke during this call ({type(error).__name__}: {error}); the worker "
             f"is still in the pool and goes on serving, but this call's result is lost: run it again")
 
-    def _cancel_remote(self, address: str, call_id: str, link) -> str:
+    def _cancel_remote(self, address: str, call_id: str, link) -> KeyboardInterrupt:
         """The notebook was interrupted during a call: stop the code on the worker too, and
-        give it about a second to confirm before handing the interrupt back."""
+        give it about a second to confirm before handing the interrupt back: the worker's
+        answer says where the cell was stopped and what became of the worker."""
         try:
             self.control.cancel(address, call_id)
             reply = link.receive(timeout=1.5)
             while isinstance(reply, dict) and reply.get("kind") == "stream":
                 reply = link.receive(timeout=1.5)
-            if isinstance(reply, dict) and reply.get("error"):
+            if _answers(reply, call_id) and reply.get("error"):
                 if reply.get("worker_exiting"):
                     self.control.forget_worker(address)
-                return f"kaas: {reply['error']['message']}"
+                stopped = rebuild_remote_exception(reply["error"], worker=address, where="")
+                if isinstance(stopped, KeyboardInterrupt):
+                    return stopped
+                return CellInterrupted(f"the cell was interrupted; worker {address} answered: {stopped}")
         except Exception:  # unreachable worker or slow stop: the worker escalates by itself
             pass
         finally:
             link.close()  # it may be mid-message: never reuse it
-        return f"kaas: interrupted; asked worker {address} to stop the cell"
+        return CellInterrupted(f"interrupted; asked worker {address} to stop the cell (it had not confirmed "
+                               f"within 1.5 s: it stops it, or is replaced, by itself)")
 
 
-def cell_inputs(code: str, target: str, namespace: dict, inputs, exclude, options: dict, route) -> list[str]:
-    """The names Pool.run_cell sends: ``inputs``, or the names the cell reads that
-    ``namespace`` defines, less those the backend ``route`` picks injects and ``exclude``."""
-    from .. import backends
-    from ..cellcode import analyse
+class CellInputs:
+    """What Pool.run_cell sends: ``names``, or the names the cell reads that ``namespace``
+    defines, less ``exclude`` and the names the routed backend injects (``xp``, ``device``
+    ...). Routing needs the inputs (a call goes where its kept data is) before the backend
+    is known: it sees every candidate, then :meth:`for_backend` drops the injected ones."""
 
-    info = analyse(code, options.get("filename") or "<kaas-cell>", options.get("line_offset", 0))
-    if inputs is None:
-        _, service, _ = route(
-            target, options.get("backend"), options.get("fallback"), options.get("worker")
-        )
-        skip = set(backends.injected_names(service.backend)) | set(exclude)
-        return [n for n in sorted(info.reads) if n in namespace and n not in skip]
-    names = list(inputs)
-    missing = [n for n in names if n not in namespace]
-    if missing:
-        raise KaasError(f"--in names variables that are not defined: {', '.join(missing)}")
-    return names
+    def __init__(self, code: str, namespace: dict, names, exclude, filename: str | None, line_offset: int):
+        from ..cellcode import analyse
+
+        self.namespace = namespace
+        self.explicit = names is not None
+        if names is None:
+            reads = analyse(code, filename or "<kaas-cell>", line_offset).reads
+            skip = set(exclude)
+            self.names = [n for n in sorted(reads) if n in namespace and n not in skip]
+        else:
+            self.names = list(names)
+            missing = [n for n in self.names if n not in namespace]
+            if missing:
+                raise KaasError(f"--in names variables that are not defined: {', '.join(missing)}")
+
+    def candidates(self) -> dict:
+        return {n: self.namespace[n] for n in self.names}
+
+    def for_backend(self, backend: str) -> dict:
+        if self.explicit:
+            return self.candidates()
+        from .. import backends
+
+        injected = set(backends.injected_names(backend))
+        return {n: self.namespace[n] for n in self.names if n not in injected}
 
 
-def _timings(reply: Reply, marks: tuple, sent_at: float, deserialize_time: float) -> Timings:
-    """Where the time went. On one host the wall clocks agree, so the wire time of each
-    direction is measured; across hosts it is split evenly."""
-    t_start, t_routed, t_serialized, t_received, t_end = marks
-    w = reply["timings"]
-    worker_span = reply["replied_at"] - reply["received_at"]
-    worker_phases = w["warm_wait"] + w["queue"] + w["setup"] + w["execute"] + w["to_host"]
-    wire = max(0.0, (t_received - t_serialized) - worker_span)
-    if reply["host"] == _hostname():
-        wire_in = min(wire, max(0.0, reply["received_at"] - sent_at))
-    else:
-        wire_in = wire / 2
-    wire_out = wire - wire_in
-    return Timings(
-        queue=(t_routed - t_start) + w["queue"] + max(0.0, worker_span - worker_phases),
-        transfer_in=(t_serialized - t_routed) + wire_in,
-        setup=w["setup"] + w["warm_wait"],
-        execute=w["execute"],
-        transfer_out=w["to_host"] + wire_out + deserialize_time,
-        total=t_end - t_start,
-    )
+class _Clock:
+    """One call's phase marks, and the record's Timings from them for every ending: the
+    phases always add up to the call's total (see record.Timings.balanced)."""
+
+    def __init__(self, t_start: float, pool_ready_at: float):
+        self.t_start = t_start
+        now = time.perf_counter()
+        # The part of the caller's wait that came before the pool was usable.
+        self.startup = max(0.0, min(pool_ready_at, now) - t_start)
+        self.state = "queued"
+        self.t_routed = self.t_serialized = self.t_sent = None
+        self.route_wait = 0.0
+        self._t_route_from = now
+
+    def routed(self, waited: bool) -> None:
+        self.t_routed = time.perf_counter()
+        if waited:  # waiting for a warm worker is startup, not queueing
+            self.route_wait = self.t_routed - self._t_route_from
+
+    def serialized(self) -> None:
+        self.t_serialized = time.perf_counter()
+
+    def sent(self) -> None:
+        self.t_sent = time.perf_counter()
+
+    def cut_short(self, t_end: float) -> Timings:
+        """A call that ended without a reply (interrupted, timed out, its worker lost, bad
+        input): the phases it went through, the rest to the phase it was in."""
+        parts = {"startup": self.startup + self.route_wait}
+        if self.t_routed is not None:
+            parts["queue"] = self.t_routed - self.t_start - parts["startup"]
+        if self.t_serialized is not None:
+            parts["transfer_in"] = self.t_serialized - self.t_routed
+        if self.t_sent is not None:
+            parts["transfer_in"] += self.t_sent - self.t_serialized
+        return Timings.balanced(parts, t_end - self.t_start, rest=_PHASE_OF_STATE.get(
+            self.state if self.t_sent is None or self.state != "sending" else "running", "queue"))
+
+    def replied(self, reply: Reply, sent_at: float, t_received: float, t_end: float,
+                deserialize_time: float) -> Timings:
+        """Where the time went. On one host the wall clocks agree, so the wire time of each
+        direction is measured; across hosts it is split evenly."""
+        w = reply["timings"]
+        t_routed = self.t_routed if self.t_routed is not None else self.t_start
+        t_serialized = self.t_serialized if self.t_serialized is not None else t_routed
+        worker_span = max(0.0, reply["replied_at"] - reply["received_at"])
+        worker_phases = w["warm_wait"] + w["queue"] + w["setup"] + w["execute"] + w["to_host"]
+        wire = max(0.0, (t_received - t_serialized) - worker_span)
+        if reply["host"] == _hostname():
+            wire_in = min(wire, max(0.0, reply["received_at"] - sent_at))
+        else:
+            wire_in = wire / 2
+        startup = self.startup + self.route_wait
+        parts = {
+            "startup": startup + w["warm_wait"],
+            "queue": (t_routed - self.t_start - startup) + w["queue"] + max(0.0, worker_span - worker_phases),
+            "transfer_in": (t_serialized - t_routed) + wire_in,
+            "setup": w["setup"],
+            "execute": w["execute"],
+            "transfer_out": w["to_host"] + (wire - wire_in) + deserialize_time,
+        }
+        return Timings.balanced(parts, t_end - self.t_start, rest="queue")
+
+
+# The phase a call that ended early was in, by its last reported state.
+_PHASE_OF_STATE = {"starting": "startup", "queued": "queue", "sending": "transfer_in", "running": "execute",
+                   "compiling": "setup", "receiving": "transfer_out"}
+
+
+def _note_pool_warnings(record: RunRecord, mark: int) -> None:
+    """Dask's and the workers' warnings go to the pool's log, never into a cell: the run
+    view says in one line that there were some (see pool_log)."""
+    note = pool_log.note(mark)
+    if note:
+        record.notes.append(note)
+
+
+def _short_name(cls: type) -> str:
+    return cls.__qualname__
 
 
 def _remote_exception(error: ErrorInfo, record: RunRecord) -> BaseException:

@@ -34,7 +34,7 @@ class KeptData:
             return tuple(self.handles(k, worker, service, device) for k in kept)
         return DeviceHandle(self._owner(), kept["id"], worker, service, device, kept)
 
-    def route_with_data(self, target, backend, fallback, worker, inputs: dict):
+    def route_with_data(self, target, backend, fallback, worker, inputs: dict, on_wait=None):
         """Route a call; one whose inputs are kept on a worker goes to that worker (data
         locality beats balance). Handles the chosen worker does not hold are fetched home
         and sent as values."""
@@ -59,7 +59,7 @@ class KeptData:
             except TargetUnavailable:  # that worker cannot serve the target: move the data
                 home = None
         if home is None:
-            route, service, waited = route_to(target, backend, fallback, worker)
+            route, service, waited = route_to(target, backend, fallback, worker, on_wait=on_wait)
         if any(h.worker != route.address for h in handles):
             inputs = {name: _map_handles(value, lambda h: h if h.worker == route.address else h.get())
                       for name, value in inputs.items()}

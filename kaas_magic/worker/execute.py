@@ -8,6 +8,7 @@ the transfer limits; results asked to stay are kept as device buffers.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import functools
 import linecache
@@ -94,7 +95,7 @@ class Executor:
         session's names, ``kernels`` and ``to_device``; then the inputs, handles resolved."""
         module = code = None
         if msg.get("op", "run") == "run":  # a cell, in a module of its own that libraries can look up
-            code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0))
+            code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0), bool(msg.get("value")))
             module = _cell_module(call.id)
             namespace = module.__dict__
             namespace.update(session.namespace())
@@ -122,7 +123,7 @@ class Executor:
                 sys.modules.pop(module.__name__, None)
         else:  # checked to be one of these on arrival (see WorkerRuntime.handle_call)
             _OPERATIONS[msg["op"]](session, msg, kernels, namespace)
-        names = [n for n in msg["outputs"] if n in namespace]
+        names = [n for n in _output_names(msg, namespace) if n in namespace]
         if msg.get("keep"):
             session.synchronize([namespace[n] for n in names])
         else:  # the device's work and the copies home, waited for at once
@@ -133,7 +134,7 @@ class Executor:
                  skipped: dict, kept: dict) -> None:
         """The outputs into ``outputs`` (packed), ``kept`` (handles) or ``skipped`` (why not)."""
         sent = 0  # bytes of outputs going home: bounded like the link (kaas.transfer)
-        for name in msg["outputs"]:
+        for name in _output_names(msg, namespace):
             if name not in namespace:
                 if msg.get("outputs_explicit"):
                     skipped[name] = "the cell did not assign it"
@@ -145,6 +146,11 @@ class Executor:
                 packed = serial.dumps(self.to_host(namespace[name], session))
             except Exception as e:
                 value = namespace[name]
+                if name == protocol.CELL_VALUE:  # shown, not used: its repr says what it is
+                    packed = serial.dumps(_value_repr(value))
+                    outputs[name] = packed
+                    sent += serial.nbytes(packed)
+                    continue
                 skipped[name] = (
                     f"{type(value).__module__}.{type(value).__qualname__} cannot leave "
                     f"the worker ({type(e).__name__})"
@@ -160,14 +166,15 @@ class Executor:
     def _error(self, exc: BaseException, session: Session, msg: CallRequest, call: RunningCall) -> ErrorInfo:
         """The reply's error: why a stopped call stopped, not where it was hit; a device out
         of memory said as such; else the exception with the cell's traceback."""
-        if call.reason is not None:
-            exc = stop_error(call, self.worker.address, replaced=False)
+        stopped_at = None
+        if call.reason is not None:  # its traceback still says where the cell was stopped
+            exc, stopped_at = stop_error(call, self.worker.address, replaced=False), exc
         elif _is_out_of_memory(exc):
             exc = _out_of_memory_error(exc, session)
-        return wrap_error(exc, msg["filename"], msg.get("code"), msg.get("line_offset", 0))
+        return wrap_error(exc, msg["filename"], msg.get("code"), msg.get("line_offset", 0), traceback_of=stopped_at)
 
-    def _compile(self, source: str, filename: str, line_offset: int):
-        key = (source, filename, line_offset)
+    def _compile(self, source: str, filename: str, line_offset: int, value: bool = False):
+        key = (source, filename, line_offset, value)
         with self._code_lock:
             code = self._code_cache.get(key)
             if code is not None:
@@ -175,7 +182,7 @@ class Executor:
         text = padded(source, line_offset)
         # dont_inherit: the cell gets exactly its own __future__ imports, as in the notebook,
         # never this module's (``annotations`` would turn its annotations into strings).
-        code = compile(text, filename, "exec", dont_inherit=True)
+        code = compile(_value_kept(ast.parse(text, filename)) if value else text, filename, "exec", dont_inherit=True)
         # Lets tracebacks on this worker quote the cell's lines.
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         with self._code_lock:
@@ -277,6 +284,33 @@ def _compile_kernel(session: Session, msg: CallRequest, kernels: KernelNamespace
 
 _OPERATIONS = {"call": _call, "put": _put, "fetch": _fetch, "compile": _compile_kernel}
 assert set(_OPERATIONS) | {"run"} == protocol.OPS
+
+
+def _output_names(msg: CallRequest, namespace: dict) -> list[str]:
+    """The names a call sends home: those asked for, and the cell's value when it has one."""
+    if msg.get("value") and protocol.CELL_VALUE in namespace:
+        return [*msg["outputs"], protocol.CELL_VALUE]
+    return msg["outputs"]
+
+
+def _value_kept(tree: ast.Module) -> ast.Module:
+    """A cell whose last statement is an expression, with that expression's value assigned
+    to CELL_VALUE, as IPython keeps a cell's value (line numbers unchanged)."""
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body[-1]
+        tree.body[-1] = ast.copy_location(
+            ast.Assign(targets=[ast.Name(protocol.CELL_VALUE, ast.Store())], value=last.value), last)
+        ast.fix_missing_locations(tree)
+    return tree
+
+
+def _value_repr(value: Any) -> protocol.ValueRepr:
+    kind = type(value)
+    try:
+        text = repr(value)
+    except Exception as e:  # noqa: BLE001 - a broken __repr__ is the value's, not the call's
+        text = f"<{kind.__module__}.{kind.__qualname__} object (its repr failed: {type(e).__name__})>"
+    return protocol.ValueRepr(text[:100_000], f"{kind.__module__}.{kind.__qualname__}")
 
 
 def _cell_module(call_id: str) -> types.ModuleType:

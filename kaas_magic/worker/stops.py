@@ -95,7 +95,10 @@ class CallStops:
         stream.finish()
         error = stop_error(call, self.worker.address, replaced=True)
         # Built as every reply is (see protocol.reply), saying the worker is on its way out.
-        reply = self._addressed(failed_reply(error, execute=call.timeout or 0.0, worker_exiting=True), "", time.time())
+        # Its phases as they were: it ran from its arrival until now (see RunningCall).
+        ran = max(0.0, time.time() - call.received_at) if call.received_at else call.timeout or 0.0
+        reply = self._addressed(failed_reply(error, execute=ran, worker_exiting=True), "",
+                                call.received_at or time.time())
         try:
             stream.replier.write(reply, timeout=0.2)
         except OSError:
