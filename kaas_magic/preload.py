@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 def dask_setup(worker) -> None:
+    from . import pool_log
     from .worker import install
 
+    pool_log.worker_started(worker)  # before install(): its supervisor inherits the log file
     install(worker)

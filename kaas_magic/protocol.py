@@ -131,6 +131,7 @@ class MetricsRow(TypedDict):
     worker_name: str
     host: str
     device_id: str
+    physical_device: str  # what backends on one device share: "cpu", "gpu:0" (see Session.physical_device)
     target: str
     backend: str
     kind: str

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict, dataclass, field
 
-PHASES = ("queue", "transfer_in", "setup", "execute", "transfer_out")
+PHASES = ("startup", "queue", "transfer_in", "setup", "execute", "transfer_out")
 
 
 @dataclass
 class Timings:
     """Seconds spent in each phase of one call; the phases add up to ``total``.
 
-    queue        waiting for a worker (routing, warm-up of the pool) and for a free slot
+    startup      waiting for the pool to start, or for a worker's backend to warm up (a
+                 call that waited here is recorded as cold)
+    queue        waiting for a free slot on the device (and routing)
     transfer_in  serialising inputs and moving them to the worker
     setup        compiling the cell, preparing its namespace; device warm-up when cold
     execute      running the cell and waiting for the device to finish (on OpenCL, with the
@@ -21,12 +22,30 @@ class Timings:
     transfer_out device-to-host copies, serialising outputs, moving them back
     """
 
+    startup: float = 0.0
     queue: float = 0.0
     transfer_in: float = 0.0
     setup: float = 0.0
     execute: float = 0.0
     transfer_out: float = 0.0
     total: float = 0.0
+
+    @classmethod
+    def balanced(cls, parts: dict[str, float], total: float, rest: str = "queue") -> "Timings":
+        """Timings whose phases add up to ``total`` exactly: ``parts`` (seconds by phase,
+        any missing taken as 0, any negative as 0), the time they leave unexplained added to
+        phase ``rest``. Parts that add up to more than the total (wire times estimated
+        across two clocks) are scaled down together: no phase is ever reported longer than
+        the whole call."""
+        total = max(0.0, total)
+        seconds = {phase: max(0.0, float(parts.get(phase, 0.0))) for phase in PHASES}
+        known = sum(seconds.values())
+        if known > total:
+            scale = total / known
+            seconds = {phase: value * scale for phase, value in seconds.items()}
+        else:
+            seconds[rest] += total - known
+        return cls(**seconds, total=total)
 
     def as_ms(self) -> dict[str, float]:
         return {k: v * 1e3 for k, v in asdict(self).items()}
@@ -52,6 +71,12 @@ class RunRecord:
     skipped: dict[str, str] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)  # kernel -> compiled | warm
     started_at: float = 0.0
+    # What the call is waiting for while it waits ("starting the pool", "warming jax on
+    # worker 1"); empty once it runs.
+    waiting_for: str = ""
+    # Things the user did not ask about but may want to know, shown as info lines in the
+    # run view (a name the cell made that cannot travel, a worker replaced meanwhile).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fallback(self) -> bool:
@@ -69,14 +94,19 @@ class RunRecord:
             return f"SIMULATOR {self.device}"
         return self.device
 
+    @property
+    def state(self) -> str:
+        """How the call ended, in the run view's words: done, error or cancelled."""
+        if self.ok:
+            return "done"
+        return "cancelled" if self.error in ("KeyboardInterrupt", "CellInterrupted") else "error"
+
     def summary(self) -> str:
-        t = self.timings.as_ms()
-        state = "ok" if self.ok else f"error {self.error}"
-        phases = " ".join(f"{p.replace('transfer_', '')} {t[p]:.1f}" for p in ("queue", "transfer_in", "setup", "execute", "transfer_out"))
-        return (
-            f"kaas {self.target} [{self.backend}] on {self.label()} @ {self.worker} | "
-            f"{'cold' if self.cold else 'warm'} | {state} | total {t['total']:.1f} ms ({phases} ms)"
-        )
+        """One line, worded as the run view's text form (``widgets.render_line``) so that
+        a record reads the same under a cell, in a terminal and in ``%kaas last``."""
+        from .widgets import render_line  # widgets imports nothing at load time: no cycle
+
+        return render_line(self.state, self, str(self.error or "") if self.state == "error" else "")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,14 +117,12 @@ class RunRecord:
     def __str__(self) -> str:
         return self.summary()
 
-    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's text/plain
-        printer.text(self.summary())
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's text/plain: the line and its notes
+        from .widgets import render_text
 
-    def _repr_html_(self) -> str:
-        colour = {"fallback": "#b45309", "simulator": "#6d28d9"}.get(self.kind, "#047857")
-        return (
-            "<div class='kaas-run' style='font-family:monospace;font-size:12px'>"
-            f"<span style='background:{colour};color:white;padding:0 4px;border-radius:3px'>"
-            f"{self.kind.upper()}</span> {html.escape(self.summary())}</div>"
-        )
+        printer.text(render_text(self.state, self, str(self.error or "") if self.state == "error" else ""))
 
+    def _repr_html_(self) -> str:  # %kaas last: the run view's final form, word for word
+        from .widgets import render_html
+
+        return render_html(self.state, self, str(self.error or "") if self.state == "error" else "")

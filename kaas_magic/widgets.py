@@ -7,9 +7,17 @@ and the widget is closed. So the record left in the notebook needs no widget sta
 renders in classic Notebook, VS Code, nbconvert and GitHub, shows no "model not found"
 after a kernel restart, and a long notebook does not accumulate one live widget per cell.
 
+While the call is not final the view counts the seconds since the cell started (like
+tqdm), so a slow start or a long cell looks alive. One shared daemon thread re-renders all
+live views (see ``_Ticker``); a view that ends within ``TICK_AFTER_SECONDS`` is never ticked.
+
 Printed output never goes through the widget (ipywidgets' ``Output`` capture misroutes
 prints made from threads): the view is displayed once, and the cell's stdout follows it in
 the cell's own output area.
+
+Colours of text and tracks are JupyterLab's CSS variables (``--jp-*``) with light-theme
+fallbacks, so the view is readable in the dark theme too; badges are white on saturated
+colours, readable in both.
 
 ipywidgets is imported only when a view is made, so ``%load_ext kaas_magic`` stays cheap.
 """
@@ -18,17 +26,22 @@ from __future__ import annotations
 
 import html
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .record import RunRecord, Timings
 
-STATES = ("queued", "sending", "compiling", "running", "receiving", "done", "error", "cancelled")
+STATES = ("starting", "queued", "sending", "compiling", "running", "receiving", "done", "error", "cancelled")
 FINAL_STATES = frozenset({"done", "error", "cancelled"})
+# States in which the call waits for something that ``record.waiting_for`` names.
+WAITING_STATES = frozenset({"starting", "queued"})
 
 # Phase -> (label, colour, what the time was spent on).
 PHASES: dict[str, tuple[str, str, str]] = {
+    "startup": ("startup", "#22d3ee", "waiting for the pool to start or a backend to warm up"),
     "queue": ("queue", "#9ca3af", "waiting for a worker and for a free slot on the device"),
     "transfer_in": ("transfer in", "#60a5fa", "serialising the inputs and sending them"),
     "setup": ("compile", "#f59e0b", "compiling the cell and its kernels; device warm-up when cold"),
@@ -37,11 +50,23 @@ PHASES: dict[str, tuple[str, str, str]] = {
 }
 
 STATE_COLOURS = {
-    "queued": "#6b7280", "sending": "#2563eb", "compiling": "#d97706", "running": "#059669",
-    "receiving": "#7c3aed", "done": "#047857", "error": "#b91c1c", "cancelled": "#92400e",
+    "starting": "#0891b2", "queued": "#6b7280", "sending": "#2563eb", "compiling": "#d97706",
+    "running": "#059669", "receiving": "#7c3aed", "done": "#047857", "error": "#b91c1c", "cancelled": "#92400e",
 }
 KIND_COLOURS = {"fallback": "#b45309", "simulator": "#6d28d9"}
 WARMTH_COLOURS = {"cold": "#1d4ed8", "disk-cached": "#0e7490", "warm": "#65a30d"}
+
+# Theme-aware colours: JupyterLab's variables, with the light theme's values for readers
+# without them (classic Notebook, nbconvert, GitHub).
+TEXT = "var(--jp-ui-font-color1, inherit)"
+MUTED = "var(--jp-ui-font-color2, #6b7280)"
+TRACK = "var(--jp-layout-color2, #e5e7eb)"  # as the monitor's: dark in the dark theme
+ERROR_TEXT = "var(--jp-error-color1, #b91c1c)"
+
+# The elapsed counter: live views are re-rendered every TICK_SECONDS, but not before
+# TICK_AFTER_SECONDS (most cells end sooner; ticking them would only be comm traffic).
+TICK_SECONDS = 0.5
+TICK_AFTER_SECONDS = 0.3
 
 
 def format_duration(seconds: float) -> str:
@@ -54,6 +79,14 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
+def format_elapsed(seconds: float) -> str:
+    """The live counter: 3.2 s; past a minute, 1 min 05 s (tenths no longer matter)."""
+    if seconds < 60:
+        return f"{max(0.0, seconds):.1f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
 def badge(text: str, colour: str, title: str = "") -> str:
     return (
         f"<span title='{html.escape(title)}' style='background:{colour};color:#fff;"
@@ -64,9 +97,12 @@ def badge(text: str, colour: str, title: str = "") -> str:
 def warmth(record: "RunRecord") -> tuple[str, str]:
     """("cold" | "disk-cached" | "warm", why): whether this call paid for warming up.
 
-    Cold when the worker was still warming or a kernel was compiled for this call;
-    disk-cached when a kernel was loaded from the compile cache; warm otherwise.
+    Cold when the call waited for the pool to start or a backend to warm (startup), when
+    the worker was still warming or a kernel was compiled for this call; disk-cached when
+    a kernel was loaded from the compile cache; warm otherwise.
     """
+    if record.timings.startup > 0:
+        return "cold", f"waited {format_duration(record.timings.startup)} for the pool to start or a backend to warm up"
     if record.cold:
         return "cold", "the worker was still warming up when the call arrived"
     compiled = sorted(name for name, how in record.kernels.items() if how == "compiled")
@@ -87,8 +123,13 @@ class Segment:
 
 
 def phase_segments(timings: "Timings") -> list[Segment]:
-    """The stacked bar's segments, in the order the phases happen."""
+    """The stacked bar's segments, in the order the phases happen.
+
+    Startup is listed only when the call waited for it: a warm pool's record does not
+    show a phase no warm call ever has."""
     seconds = {phase: max(0.0, getattr(timings, phase)) for phase in PHASES}
+    if seconds["startup"] == 0:
+        del seconds["startup"]
     whole = sum(seconds.values())
     return [
         Segment(phase, PHASES[phase][0], s, s / whole if whole > 0 else 0.0) for phase, s in seconds.items()
@@ -96,20 +137,44 @@ def phase_segments(timings: "Timings") -> list[Segment]:
 
 
 def _where(record: "RunRecord") -> str:
-    # The device is known once the worker has replied: not for a call cut short.
-    on = f" on {record.label()}" if record.device else ""
-    return f"{record.target} [{record.backend}]{on} @ {record.worker}"
+    """"cpu [numpy] on CPU x86_64 @ tcp://...", each part once it is known: the backend,
+    device and worker are filled when the call is routed, so a call still starting has
+    only its target, and a call cut short after routing still names its device."""
+    where = record.target
+    if record.backend:
+        where += f" [{record.backend}]"
+    if record.device:
+        where += f" on {record.label()}"
+    if record.worker:
+        where += f" @ {record.worker}"
+    return where
 
 
-def render_text(state: str, record: "RunRecord | None", note: str = "") -> str:
-    """The plain-text form, what nbconvert, terminals and ``text/plain`` readers see."""
-    if record is None or not record.worker:
+def _status(state: str, record: "RunRecord | None", note: str) -> str:
+    """The state, what a waiting call waits for, and the note (an error's name)."""
+    waiting = record.waiting_for if record is not None and state in WAITING_STATES else ""
+    return state + (f": {waiting}" if waiting else "") + (f" {note}" if note else "")
+
+
+def render_line(state: str, record: "RunRecord | None", note: str = "") -> str:
+    """The one-line text record (``RunRecord.summary`` is this line for a finished call)."""
+    if record is None:
         return f"kaas {state}" + (f": {note}" if note else "")
-    parts = [f"kaas {_where(record)}", warmth(record)[0], state + (f" {note}" if note else "")]
+    parts = [f"kaas {_where(record)}"]
+    if record.worker:
+        parts.append(warmth(record)[0])
+    parts.append(_status(state, record, note))
     if record.timings.total > 0:
         phases = " ".join(f"{s.label} {format_duration(s.seconds)}" for s in phase_segments(record.timings))
         parts.append(f"total {format_duration(record.timings.total)} ({phases})")
     return " | ".join(parts)
+
+
+def render_text(state: str, record: "RunRecord | None", note: str = "") -> str:
+    """The plain-text form, what nbconvert, terminals and ``text/plain`` readers see: the
+    one-line record, then the record's notes, one a line."""
+    notes = list(record.notes) if record is not None else []
+    return "\n".join([render_line(state, record, note), *(f"  note: {n}" for n in notes)])
 
 
 def _bar(timings: "Timings") -> str:
@@ -127,41 +192,51 @@ def _bar(timings: "Timings") -> str:
         for s in segments
     )
     return (
-        "<div style='display:flex;height:10px;width:100%;max-width:640px;border-radius:2px;"
-        f"overflow:hidden;background:#e5e7eb;margin:3px 0'>{blocks}</div>"
+        "<div class='kaas-track' style='display:flex;height:10px;width:100%;max-width:640px;border-radius:2px;"
+        f"overflow:hidden;background:{TRACK};margin:3px 0'>{blocks}</div>"
         f"<div>{legend}<span class='kaas-total'>total <b>{format_duration(timings.total)}</b></span></div>"
     )
 
 
-def render_html(state: str, record: "RunRecord | None", note: str = "") -> str:
-    """The view: state, where it ran with its badges, and (once known) the phase bar.
+def render_html(state: str, record: "RunRecord | None", note: str = "", elapsed: float | None = None) -> str:
+    """The view: state (with what a waiting call waits for and, while not final, the
+    seconds since the cell started), where it ran with its badges, the phase bar once
+    known, and the record's notes.
 
     Styles are inline and classes plain so that the static copy survives JupyterLab's
     HTML sanitiser; the classes are what the browser tests look for.
     """
     head = [badge(state, STATE_COLOURS[state], "state of the call")]
-    if record is not None and record.worker:
+    if record is not None and record.waiting_for and state in WAITING_STATES:
+        head.append(f"<span class='kaas-waiting' style='color:{MUTED};margin-right:6px'>"
+                    f"{html.escape(record.waiting_for)}\u2026</span>")
+    if elapsed is not None and state not in FINAL_STATES:
+        head.append(f"<span class='kaas-elapsed' title='since the cell started' "
+                    f"style='color:{MUTED};margin-right:6px'>{format_elapsed(elapsed)}</span>")
+    if record is not None:
         if record.kind in KIND_COLOURS:
             head.append(badge(record.kind.upper(), KIND_COLOURS[record.kind],
                               f"not the {record.target} itself: {record.device}"))
-        temperature, why = warmth(record)
-        head.append(badge(temperature, WARMTH_COLOURS[temperature], why))
-        on = f"on <b>{html.escape(record.device)}</b> " if record.device else ""
-        head.append(
-            f"<span class='kaas-where'>kaas <b>{html.escape(record.target)}</b> "
-            f"[{html.escape(record.backend)}] {on}@ {html.escape(record.worker)}</span>"
-        )
-    elif record is not None:
-        head.append(f"<span class='kaas-where'>kaas <b>{html.escape(record.target)}</b></span>")
+        if record.worker:  # warmth is the worker's, known once the call has one
+            temperature, why = warmth(record)
+            head.append(badge(temperature, WARMTH_COLOURS[temperature], why))
+        backend = f" [{html.escape(record.backend)}]" if record.backend else ""
+        on = f" on <b>{html.escape(record.device)}</b>" if record.device else ""
+        at = f" @ {html.escape(record.worker)}" if record.worker else ""
+        head.append(f"<span class='kaas-where'>kaas <b>{html.escape(record.target)}</b>{backend}{on}{at}</span>")
     else:
         head.append("<span class='kaas-where'>kaas</span>")
     error = note or (record.error if record is not None and state == "error" else "")
     if error:
-        head.append(f" <span class='kaas-error' style='color:#b91c1c'>{html.escape(str(error))}</span>")
+        head.append(f" <span class='kaas-error' style='color:{ERROR_TEXT}'>{html.escape(str(error))}</span>")
     body = _bar(record.timings) if record is not None and record.timings.total > 0 else ""
+    notes = "".join(
+        f"<div class='kaas-note' style='color:{MUTED}'>note: {html.escape(str(n))}</div>"
+        for n in (list(record.notes) if record is not None else [])
+    )
     return (
         f"<div class='kaas-run kaas-state-{state}' style='font-family:var(--jp-code-font-family,monospace);"
-        f"font-size:12px;line-height:1.6'><div>{''.join(head)}</div>{body}</div>"
+        f"font-size:12px;line-height:1.6;color:{TEXT}'><div>{''.join(head)}</div>{body}{notes}</div>"
     )
 
 
@@ -187,19 +262,30 @@ class RunView:
     """One call's live view. ``update`` is the run's progress callback.
 
     ``update`` is thread-safe and does no waiting: it renders a few hundred bytes of HTML
-    and sends one widget message. Updates after the final state are ignored.
+    and sends one widget message. Updates after the final state are ignored. Until then
+    the shared ticker re-renders the view so its elapsed counter moves; both render under
+    the view's lock.
     """
 
     def __init__(self, widget: Any, handle: DisplayHandle):
         self._widget = widget
         self._handle = handle
         self._lock = threading.Lock()
+        # The counter's base: the view is made before the pool is started or asked for
+        # anything, so the count includes the wait for the pool.
+        self._started = time.monotonic()
+        self._note = ""
+        self._shown = ""  # the widget's value, so a tick that changes nothing sends nothing
         self.state = "queued"
         self.record: "RunRecord | None" = None
+        _ticker.add(self)
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
 
     def update(self, state: str, record: "RunRecord | None", note: str = "") -> None:
         if state not in STATES:
@@ -207,12 +293,29 @@ class RunView:
         with self._lock:
             if self.finished:
                 return
-            self.state, self.record = state, record
+            # A later report without a record does not forget what is known (the device).
+            record = record if record is not None else self.record
+            self.state, self.record, self._note = state, record, note
             if state in FINAL_STATES:
                 self._handle.update(display_data(state, record, note), raw=True)
                 self._widget.close()
             else:
-                self._widget.value = render_html(state, record, note)
+                self._show(render_html(state, record, note, self.elapsed()))
+        if state in FINAL_STATES:
+            _ticker.remove(self)
+
+    def tick(self) -> None:
+        """Re-render with the time elapsed now (the ticker's call; a no-op once final or
+        before ``TICK_AFTER_SECONDS``)."""
+        with self._lock:
+            elapsed = self.elapsed()
+            if self.finished or elapsed < TICK_AFTER_SECONDS:
+                return
+            self._show(render_html(self.state, self.record, self._note, elapsed))
+
+    def _show(self, value: str) -> None:
+        if value != self._shown:
+            self._widget.value = self._shown = value
 
     def finish_if_unfinished(self, error: BaseException | None) -> None:
         """End a view the run never ended: the call failed before it was routed (so no
@@ -221,6 +324,66 @@ class RunView:
             self.update("cancelled", self.record)
         else:
             self.update("error", self.record, type(error).__name__ if error else "ended without a result")
+
+
+class _Ticker:
+    """One daemon thread for all live views, so many cells running at once (threads,
+    ``asyncio``) cost one thread, not one each. It runs while there are live views and
+    ends when there are none; the next view starts it again.
+
+    Views are held weakly and dropped on their final state: a finished view, or one its
+    caller abandoned, is not kept alive (with its widget) by the ticker.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._views: weakref.WeakSet[RunView] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._thread is not None
+
+    def add(self, view: RunView) -> None:
+        with self._lock:
+            self._views.add(view)
+            if self._thread is not None:
+                return
+            thread = threading.Thread(target=self._loop, name="kaas-run-view-ticker", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: the view works, only without its counter
+                return
+            self._thread = thread
+
+    def remove(self, view: RunView) -> None:
+        with self._lock:
+            self._views.discard(view)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(TICK_SECONDS)  # read each time: tests make it short
+            with self._lock:
+                # Decided under the lock that ``add`` takes: a view added after this sees
+                # no thread and starts one, so none is left without ticks.
+                if not self._views:
+                    self._thread = None
+                    return
+            self._tick_all()
+
+    def _tick_all(self) -> None:
+        # In a function of its own so that no view stays referenced while the loop sleeps.
+        with self._lock:
+            views = list(self._views)
+        for view in views:
+            try:
+                view.tick()
+            except Exception:  # never into the user's cell; a dict the call thread mutated
+                pass           # mid-render, a closed comm: the next tick or update redraws
+
+
+_ticker = _Ticker()
 
 
 def _frontend_shows_widgets() -> bool:

@@ -1,10 +1,13 @@
-"""What a user sees in JupyterLab, in headless Chromium: the run view reaching "done" with
-its phases in numbers, the monitor's occupancy rising during a long cell and falling after,
-and the panel in the right side area. Screenshots go to docs/screenshots/ (the README's).
+"""What a user sees in JupyterLab, in headless Chromium: the run view counting its elapsed
+time while it runs and reaching "done" with its phases in numbers, the monitor's occupancy
+rising during a long cell and falling after, its history, and the panel in the right side
+area; in JupyterLab's light theme and in its dark one (where an idle bar's track must be
+dark). Screenshots of both themes go to docs/screenshots/ (see docs/views.md).
 
 JupyterLab runs on 127.0.0.1 with a random port and token, in a temporary folder holding a
 notebook written here; its kernel starts a one-worker NumPy pool so the one cpu device is
-the one the long cell occupies. Chromium is Debian's, driven by Playwright (never
+the one the long cell occupies. One server per theme: every test runs once per theme, the
+light theme's first. Chromium is Debian's, driven by Playwright (never
 ``playwright install``).
 """
 
@@ -39,7 +42,7 @@ pytestmark = [
 ]
 
 # One cell per step; the tests run them by index.
-SETUP, RUN_VIEW, MONITOR, LONG, SCALE_UP, SCALE_DOWN, PANEL, INTERRUPTED = range(8)
+SETUP, RUN_VIEW, MONITOR, LONG, SCALE_UP, SCALE_DOWN, PANEL, INTERRUPTED, SLEEPS = range(9)
 CELLS = [
     "import kaas_magic as kaas\n"
     "import kaas_magic.config\n"
@@ -62,6 +65,10 @@ CELLS = [
     "import time\n"
     "for _ in range(600):  # interrupted by the test, between two short sleeps\n"
     "    time.sleep(0.1)",
+    "%%kaas cpu\n"
+    "import time\n"
+    "time.sleep(3)  # the run view counts the seconds meanwhile\n"
+    "slept = 3",
 ]
 
 # JupyterLab settings for a quiet, predictable page: every cell in the DOM, no news toast.
@@ -69,6 +76,8 @@ SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
 }
+THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -100,13 +109,31 @@ def wait_for_server(url: str, server: subprocess.Popen, log: Path, timeout: floa
     pytest.fail(f"JupyterLab did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture(scope="module", params=list(THEMES))
+def theme(request) -> str:
+    """"light" or "dark": the module's tests run once in each, one JupyterLab each."""
+    return request.param
+
+
+def luminance(css_colour: str) -> float:
+    """Relative luminance (0 black .. 1 white) of a computed "rgb(r, g, b)" / "rgba(...)"."""
+    r, g, b = (int(v) / 255 for v in re.findall(r"[\d.]+", css_colour)[:3])
+    linear = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in (r, g, b)]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def shot(name: str, theme: str) -> Path:
+    return SCREENSHOTS / f"{name}-{theme}.png"
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server of this test's own; yields its notebook URL."""
-    root = tmp_path_factory.mktemp("lab")
+def lab(tmp_path_factory, theme):
+    """A JupyterLab server of this test's own, in ``theme``; yields its notebook URL."""
+    root = tmp_path_factory.mktemp(f"lab-{theme}")
     write_notebook(root / NOTEBOOK)
     settings = root / ".settings"
-    for name, values in SETTINGS.items():
+    themed = {**SETTINGS, "@jupyterlab/apputils-extension/themes.jupyterlab-settings": {"theme": THEMES[theme]}}
+    for name, values in themed.items():
         (settings / name).parent.mkdir(parents=True, exist_ok=True)
         (settings / name).write_text(json.dumps(values))
     port, token = free_port(), secrets.token_hex(16)
@@ -116,6 +143,8 @@ def lab(tmp_path_factory):
         "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
         "DASK_KAAS__BACKENDS": '["numpy"]',  # the kernel's pool: one NumPy worker
         "DASK_KAAS__POOL__N_WORKERS": "1",
+        # The kernel and its workers import kaas_magic from this checkout.
+        "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
     }
     log = root / "lab.log"
     with open(log, "w") as out:
@@ -139,7 +168,7 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(lab):
+def page(lab, theme):
     """The notebook open in headless Chromium, with its pool started by the first cell."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -153,6 +182,7 @@ def page(lab):
         page.goto(lab)
         page.locator(".jp-Notebook .jp-Cell").nth(len(CELLS) - 1).wait_for()
         page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+        page.locator(f"body[data-jp-theme-name='{THEMES[theme]}']").wait_for(state="attached")
         # the file browser off, so the screenshots show the notebook and the panel
         page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()
         run_cell(page, SETUP)
@@ -200,7 +230,7 @@ def phase_milliseconds(view) -> dict[str, float]:
     return values
 
 
-def test_run_view_reaches_done_with_phase_numbers_and_the_print_below(page):
+def test_run_view_reaches_done_with_phase_numbers_and_the_print_below(page, theme):
     from playwright.sync_api import expect
 
     run_cell(page, RUN_VIEW)
@@ -217,10 +247,25 @@ def test_run_view_reaches_done_with_phase_numbers_and_the_print_below(page):
     outputs = cell(page, RUN_VIEW).locator(".jp-OutputArea-output")
     texts = outputs.all_inner_texts()
     assert "hello from the worker" in texts[-1] and "hello" not in texts[0]  # under the view
-    cell(page, RUN_VIEW).screenshot(path=SCREENSHOTS / "run-view.png")
+    cell(page, RUN_VIEW).screenshot(path=shot("run-view-done", theme))
 
 
-def test_monitor_occupancy_rises_during_a_long_cell_and_drops_after(page):
+def test_run_view_counts_elapsed_seconds_while_the_cell_runs(page, theme):
+    from playwright.sync_api import expect
+
+    run_cell(page, SLEEPS)
+    view = cell(page, SLEEPS).locator(".kaas-run")
+    expect(view).to_have_class(re.compile(r"\bkaas-state-running\b"))
+    time.sleep(1.2)
+    cell(page, SLEEPS).screenshot(path=shot("run-view", theme))  # running, its counter showing
+    elapsed = view.locator(".kaas-elapsed")
+    expect(elapsed).to_be_visible(timeout=5000)
+    first = elapsed.inner_text()
+    expect(elapsed).not_to_have_text(first, timeout=5000)  # it moves on while the cell sleeps
+    expect(view).to_have_class(re.compile(r"\bkaas-state-done\b"))
+
+
+def test_monitor_occupancy_rises_during_a_long_cell_and_drops_after(page, theme):
     from playwright.sync_api import expect
 
     run_cell(page, MONITOR)
@@ -231,15 +276,28 @@ def test_monitor_occupancy_rises_during_a_long_cell_and_drops_after(page):
     run_cell(page, LONG)
     expect(cell(page, LONG).locator(".kaas-run")).to_have_class(re.compile(r"\bkaas-state-running\b"))
     expect(in_flight).to_have_text(re.compile(r"^[1-9]\d*/\d+$"))  # while the 6 s cell sleeps
-    cell(page, MONITOR).screenshot(path=SCREENSHOTS / "monitor.png")
 
     expect(cell(page, LONG).locator(".kaas-run")).to_have_class(re.compile(r"\bkaas-state-done\b"))
     expect(in_flight).to_have_text(re.compile(r"^0/\d+$"))
     busy = row.locator(".kaas-busy-10s").inner_text()
     assert re.fullmatch(r"\d+%", busy.strip()) and busy.strip() != "0%"
+    # the last 60 s drawn on the row: the busy line has left the floor
+    busy_line = row.locator("svg.kaas-history polyline.kaas-history-busy")
+    expect(busy_line).to_have_count(1)
+    heights = [float(p.split(",")[1]) for p in busy_line.get_attribute("points").split()]
+    assert min(heights) < max(heights)
 
 
-def test_monitor_shows_workers_joining_and_leaving(page):
+def test_monitor_rows_are_one_line_and_fit_900px(page):
+    table = cell(page, MONITOR).locator(".kaas-monitor .kaas-table")
+    header, row = table.locator("th").first.bounding_box(), table.locator(".kaas-row").first.bounding_box()
+    assert row["height"] < 2 * header["height"]  # one line: no cell wraps
+    assert all(th.bounding_box()["height"] <= header["height"] + 1 for th in table.locator("th").all())
+    width = table.evaluate("t => t.getBoundingClientRect().width")
+    assert width <= 900, f"the monitor's table is {width:.0f} px wide"
+
+
+def test_monitor_shows_workers_joining_and_leaving(page, theme):
     from playwright.sync_api import expect
 
     monitor = cell(page, MONITOR).locator(".kaas-monitor")
@@ -249,9 +307,30 @@ def test_monitor_shows_workers_joining_and_leaving(page):
     run_cell(page, SCALE_DOWN)
     expect(monitor.locator(".kaas-row")).to_have_count(1)
     expect(monitor.locator(".kaas-event").last).to_contain_text("left")
+    # both marked on the history of the device that stayed
+    expect(monitor.locator(".kaas-row svg.kaas-history line.kaas-mark-joined")).to_have_count(1)
+    expect(monitor.locator(".kaas-row svg.kaas-history line.kaas-mark-left")).to_have_count(1)
+    cell(page, MONITOR).screenshot(path=shot("monitor", theme))
 
 
-def test_panel_opens_in_the_right_side_area(page):
+def test_an_idle_bar_track_follows_the_theme(page, theme):
+    """An idle device's 0% bar is an empty track: dark in the dark theme, light in the
+    light one (a hard-coded light track would read as a full white bar in the dark)."""
+    text = cell(page, MONITOR).locator(".kaas-monitor .kaas-row .kaas-calls").first
+    bar = cell(page, MONITOR).locator(".kaas-monitor .kaas-row .kaas-occupancy .kaas-bar").first
+    track_colour = bar.evaluate("b => getComputedStyle(b).backgroundColor")
+    page_colour = page.locator(".jp-Notebook").first.evaluate("n => getComputedStyle(n).backgroundColor")
+    text_colour = text.evaluate("t => getComputedStyle(t).color")
+    if theme == "dark":
+        assert luminance(track_colour) < 0.1, track_colour
+        assert luminance(text_colour) > 0.5, text_colour
+    else:
+        assert luminance(track_colour) > 0.6, track_colour
+        assert luminance(text_colour) < 0.2, text_colour
+    assert abs(luminance(track_colour) - luminance(page_colour)) < 0.5  # a track, not a filled bar
+
+
+def test_panel_opens_in_the_right_side_area(page, theme):
     from playwright.sync_api import expect
 
     run_cell(page, PANEL)
@@ -259,7 +338,14 @@ def test_panel_opens_in_the_right_side_area(page):
     expect(docked).to_be_visible()
     expect(docked.locator(".kaas-row.kaas-target-cpu")).to_have_count(1)
     expect(page.locator(".jp-SideBar.jp-mod-right .lm-TabBar-tab", has_text="kaas pool")).to_be_visible()
-    page.screenshot(path=SCREENSHOTS / "panel.png")
+    expect(docked.locator(".kaas-row svg.kaas-history polyline.kaas-history-busy")).to_have_count(1)
+    card, chart = docked.locator(".kaas-row").first.bounding_box(), docked.locator("svg.kaas-history").first.bounding_box()
+    assert chart["x"] + chart["width"] <= card["x"] + card["width"] + 1  # the chart fits the card
+    run_cell(page, SLEEPS)  # the panel follows a call while the notebook shows the run view
+    expect(docked.locator(".kaas-in-flight")).to_have_text(re.compile(r"^[1-9]\d*/\d+$"))
+    time.sleep(1.5)
+    page.screenshot(path=shot("panel", theme))
+    expect(cell(page, SLEEPS).locator(".kaas-run")).to_have_class(re.compile(r"\bkaas-state-done\b"))
 
 
 def test_interrupted_cell_leaves_a_cancelled_view(page):

@@ -288,3 +288,42 @@ def test_a_magic_line_is_parsed_once_and_each_cell_gets_its_own_options():
     for _ in range(2):  # a bad line fails every time: errors are not cached
         with pytest.raises(UsageError, match="nosuch"):
             _parse_cell_line("nosuch")
+
+
+@pytest.mark.parametrize("state, worker, waiting, expected", [
+    ("starting", "", "starting the pool", "stopped while waiting: starting the pool"),
+    ("queued", "tls://w:1", "", "stopped while queued, before the call reached worker tls://w:1: nothing ran"),
+    ("sending", "", "", "before the call reached a worker"),
+    ("receiving", "tls://w:1", "", "the cell ran, its variables were not all assigned"),
+])
+def test_an_interrupt_outside_the_worker_says_what_it_stopped(state, worker, waiting, expected):
+    from types import SimpleNamespace
+
+    from kaas_magic.magics import _interrupted_where
+    from kaas_magic.record import RunRecord
+
+    view = SimpleNamespace(state=state, record=RunRecord(call_id="c", target="cpu", worker=worker, waiting_for=waiting))
+    assert expected in _interrupted_where(view)
+    assert "nothing more is known" in _interrupted_where(None)
+
+
+def test_an_interrupt_during_the_call_is_a_short_keyboard_interrupt(ip, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(kaas_magic, "run_cell", interrupted)
+    result, out = run(ip, "%%kaas cpu\nq = 1\n")
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt) and isinstance(err, kaas_magic.errors.CellInterrupted)
+    assert err._render_traceback_() == [f"KeyboardInterrupt: {err}"]
+
+
+def test_help_lists_every_option_and_command_in_plain_text():
+    from kaas_magic.magics import _COMMANDS, KaasMagics, _cell_parser
+
+    text = KaasMagics.kaas.__doc__
+    for action in _cell_parser.parser._actions:
+        assert any(flag in text for flag in action.option_strings or [action.metavar])
+    for command in _COMMANDS._subparsers._group_actions[0].choices:
+        assert f"%kaas {command}" in text
+    assert "::" not in text and "_cell_parser" not in text and "Examples:" in text

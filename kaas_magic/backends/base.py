@@ -49,6 +49,14 @@ class Session:
     def device(self) -> str:
         return self.offer.device
 
+    @property
+    def physical_device(self) -> str:
+        """The physical device this session's calls run on, named the same by every backend
+        that drives it: "cpu" for the worker's host CPU, "gpu:N" for CUDA device N, and so on.
+        The pool monitor groups sessions by it (calls of different backends on one device
+        compete for it). By default a session's device is its own."""
+        return self.device_id
+
     def warm_up(self) -> None:
         """Run something tiny so that contexts, JITs and allocators are initialised."""
 

@@ -16,6 +16,10 @@ class CupySession(Session):
     def index(self) -> int:
         return self.offer.service.index
 
+    @property
+    def physical_device(self) -> str:
+        return f"gpu:{self.index}"  # the CUDA device ordinal
+
     def warm_up(self) -> None:
         import cupy
 

@@ -63,6 +63,17 @@ class JaxSession(Session):
         jax = _import_jax()
         return {"xp": jax.numpy, "jax": jax, "device": self.device}
 
+    @property
+    def physical_device(self) -> str:
+        """"cpu" for XLA:CPU (also tpu's stand-in); "gpu:N" (N the device's id, its CUDA
+        ordinal under XLA's CUDA plugin) or "tpu:N" for an accelerator."""
+        platform = self.offer.detail.get("platform", "cpu")
+        if platform == "cpu":
+            return "cpu"
+        device = getattr(self, "_device", None)
+        number = device.id if device is not None else self.offer.detail.get("platform_index", 0)
+        return f"{'gpu' if platform in ('gpu', 'cuda', 'rocm') else platform}:{number}"
+
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
         jax = _import_jax()

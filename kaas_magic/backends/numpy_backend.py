@@ -9,6 +9,8 @@ from .base import Backend, Offer, Session, cpu_name
 
 
 class NumpySession(Session):
+    physical_device = "cpu"  # NumPy runs on the host CPU, for cpu and as gpu's stand-in
+
     def warm_up(self) -> None:
         import numpy
 

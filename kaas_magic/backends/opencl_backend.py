@@ -36,6 +36,16 @@ class OpenCLSession(Session):
         buf.get()
 
     @property
+    def physical_device(self) -> str:
+        """"cpu" for a CPU device (PoCL's, also fpga's stand-in); "gpu:N" or "fpga:N"
+        for the N-th OpenCL GPU or accelerator (for GPUs, in the platform's order, which on
+        a one-GPU machine is the CUDA device)."""
+        service = self.offer.service
+        if service.target == "cpu" or service.kind == "fallback":
+            return "cpu"
+        return f"{service.target}:{service.index}"
+
+    @property
     def queue(self):
         import pyopencl as cl
 

@@ -53,6 +53,13 @@ class _Prepared:
 class QiskitSession(Session):
     _CACHE_SIZE = 256
 
+    @property
+    def physical_device(self) -> str:
+        """Aer simulates on the host CPU; an IBM backend is a remote QPU of its own."""
+        if self.offer.service.kind == "simulator":
+            return "cpu"
+        return f"qpu:{self.offer.detail.get('ibm_backend', self.offer.service.index)}"
+
     def warm_up(self) -> None:
         from qiskit import QuantumCircuit
         from qiskit.transpiler import generate_preset_pass_manager

@@ -6,6 +6,7 @@ import gc
 import weakref
 
 from .. import config as kaas_config
+from .. import pool_log
 from ..errors import KaasError, SchedulerUnreachable
 from ..stopping import check_count
 
@@ -37,13 +38,31 @@ def start_cluster(n_workers: int | None = None, **cluster_kwargs):
     from ..supervisor import owner_environment
 
     cluster_kwargs["env"] = {**(cluster_kwargs.get("env") or {}), **owner_environment()}
+    # The pool's log (see pool_log), open before anything starts: Dask's log lines in this
+    # process go there, not to the cell; each worker process points its fd 1 and 2 at a file
+    # in its folder as it starts (pool_log is the workers' preload: it runs before plugins).
+    log = pool_log.open_log(embedded=True)
+    if log.worker_output:
+        cluster_kwargs["env"].update(log.worker_environment())
+        preload = cluster_kwargs.get("preload") or dask.config.get("distributed.worker.preload", [])
+        preload = [preload] if isinstance(preload, str) else list(preload)
+        cluster_kwargs["preload"] = [pool_log.PRELOAD, *preload]
+        argv = cluster_kwargs.get("preload_argv")
+        if argv and isinstance(argv[0], list):  # one list per preload: ours takes none
+            cluster_kwargs["preload_argv"] = [[], *argv]
     # Nannies hand their config to the worker processes they start (and restart).
     profiler = bool(kaas_config.get("pool.worker-profiler"))
-    with dask.config.set({"distributed.worker.profile.enabled": profiler}):
-        cluster = LocalCluster(
-            n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
-        )
-    client = Client(cluster, security=getattr(cluster, "security", None), set_as_default=False)
+    try:
+        with dask.config.set({"distributed.worker.profile.enabled": profiler}):
+            cluster = LocalCluster(
+                n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
+            )
+        client = Client(cluster, security=getattr(cluster, "security", None), set_as_default=False)
+    except BaseException:
+        log.close()
+        raise
+    log.address = cluster.scheduler_address
+    pool_log.adopt(client, log)
     for address, ref in list(embedded_clusters.items()):  # forget the collected ones
         if ref() is None:
             embedded_clusters.pop(address, None)
@@ -78,6 +97,8 @@ def connect_client(address: str, security=None, timeout: float = 30):
         cluster = embedded_clusters.get(address, lambda: None)()
         security = getattr(cluster, "security", None)
     failure = None
+    log = pool_log.open_log(embedded=False, address=address)  # this process's Dask lines: see pool_log
+    log.worker_directory = pool_log.worker_directory_of(address)  # an embedded pool of this process
     try:
         client = Client(address, security=security, timeout=timeout, set_as_default=False)
     except Exception as e:
@@ -88,10 +109,15 @@ def connect_client(address: str, security=None, timeout: float = 30):
         failure = SchedulerUnreachable(
             f"could not connect to the Dask scheduler at {address}: {type(e).__name__}: {e}.{hint}")
         failure.__cause__ = e.with_traceback(None)
+    except BaseException:
+        log.close()
+        raise
     if failure is not None:
+        log.close()
         # The half-made Client is garbage now. Collect it here: its __del__ takes the lock
         # of Dask's shared loop runner, and run later by chance (during the next Client's
         # start, which holds that lock) it would deadlock.
         gc.collect()
         raise failure
+    pool_log.adopt(client, log)
     return client

@@ -23,6 +23,36 @@ if TYPE_CHECKING:
     from ..pool_status import PoolStatus
 
 
+class CallTotals:
+    """Call counts that survive a worker's replacement. A replaced worker comes back under
+    its name with a new address (or, restarted in place, with counts that went down): the
+    counts last seen of its previous incarnation are kept, per worker name and key, and
+    added to what the new one reports. Counts a dead incarnation made after it was last
+    asked are not known, and so not kept."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[str, dict]] = {}  # name -> (address, key -> (calls, errors))
+        self._before: dict[str, dict] = {}  # name -> key -> (calls, errors) of earlier incarnations
+
+    def totals(self, name: str, address: str, counts: dict) -> dict:
+        """``counts`` (key -> (calls, errors)) of worker ``name`` at ``address`` now, plus
+        those of its earlier incarnations."""
+        with self._lock:
+            last_address, last = self._last.get(name, (address, {}))
+            replaced = last_address != address or any(
+                counts[k][0] < c or counts[k][1] < e for k, (c, e) in last.items() if k in counts)
+            if replaced:
+                before = self._before.setdefault(name, {})
+                for k, (c, e) in last.items():
+                    c0, e0 = before.get(k, (0, 0))
+                    before[k] = (c0 + c, e0 + e)
+                last = {}
+            self._last[name] = (address, {**last, **counts})
+            before = self._before.get(name, {})
+            return {k: (c + before.get(k, (0, 0))[0], e + before.get(k, (0, 0))[1]) for k, (c, e) in counts.items()}
+
+
 class ControlPlane:
     """A client's Dask comms to the scheduler and the workers, outside the hot path."""
 
@@ -37,6 +67,9 @@ class ControlPlane:
         self.scheduler_lost_since: float | None = None
         self.scheduler_error: BaseException | None = None
         self.comms = None
+        # Call counts per worker name, summed over its incarnations (status and metrics).
+        self.device_calls = CallTotals()
+        self.service_calls = CallTotals()
 
     def start(self) -> None:
         self.comms = self.sync(self._start_comm_pool())
@@ -166,8 +199,10 @@ class ControlPlane:
     # -- routing that may wait for the pool --
 
     def route(self, target: str, backend: str | None = None, fallback: bool | None = None,
-              worker: str | None = None, timeout: float | None = None):
-        """(route, service, waited): waits (refreshing) while workers are still warming."""
+              worker: str | None = None, timeout: float | None = None,
+              on_wait: Callable[[str], None] | None = None):
+        """(route, service, waited): waits (refreshing) while workers are still warming,
+        telling ``on_wait`` what it waits for whenever that changes."""
         check_target(target)
         check_backend(backend)
         if fallback is None:
@@ -178,7 +213,7 @@ class ControlPlane:
             return choice[0], choice[1], False
         timeout = float(kaas_config.get("pool.warmup-timeout")) if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        waited = False
+        waited, told = False, ""
         while True:
             choice = router.choose(target, backend, fallback, worker)
             if choice is not None:
@@ -187,6 +222,11 @@ class ControlPlane:
             warming = [r for r in routes if not r.ready]
             if routes and not warming or time.monotonic() > deadline:
                 raise router.unavailable(target, backend, fallback, worker)
+            if on_wait is not None:
+                why = _waiting_for(warming, target, backend)
+                if why != told:
+                    told = why
+                    on_wait(why)
             waited = True
             self.routes_updated.clear()
             self.refresh()
@@ -243,14 +283,27 @@ class ControlPlane:
 
         self.refresh()
         infos = [self.info(route) for route in self.router.routes()]
+        for info in infos:  # each service's calls, over the worker's incarnations
+            services = [s for s in info.get("services", ()) if isinstance(s, dict)]
+            totals = self.service_calls.totals(str(info.get("name", info["address"])), info["address"],
+                                               {s["resource"]: (int(s.get("calls", 0)), 0) for s in services})
+            for s in services:
+                s["calls"] = totals[s["resource"]][0]
+        try:
+            metrics = self.metrics()
+        except Exception:  # the status without load figures
+            metrics = []
         return PoolStatus(
             scheduler=self.scheduler_address,
             embedded=embedded,
             workers=sorted(infos, key=lambda i: i.get("name", "")),
+            metrics=metrics,
         )
 
     def metrics(self) -> list[dict]:
-        """One row per device per worker; workers that do not answer within a second are left out."""
+        """One row per device session per worker (its ``physical_device`` names the device
+        several may share); workers that do not answer within a second are left out. Calls
+        and errors are counted over each worker's incarnations (see CallTotals)."""
 
         async def gather():
             async def ask(address: str):
@@ -264,6 +317,7 @@ class ControlPlane:
             return [dict(row) for rows in replies if isinstance(rows, (list, tuple)) for row in rows]
 
         rows = self.sync(gather(), timeout=5)
+        with_calls_before(rows, self.device_calls)
         return sorted(rows, key=lambda r: (r["worker_name"], list(TARGETS).index(r["target"]), r["device"]))
 
     async def free(self, batches: dict[str, list[str]]) -> None:
@@ -290,3 +344,34 @@ class ControlPlane:
     def cancel(self, address: str, call_id: str) -> None:
         """Ask a worker to stop a call (the notebook was interrupted)."""
         self.sync(self.call(address, "kaas_cancel", call_id=call_id, reason="interrupt"), timeout=2)
+
+
+def with_calls_before(rows: list[dict], totals: CallTotals) -> list[dict]:
+    """Metrics rows with each worker's calls and errors summed over its incarnations."""
+    by_worker: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_worker.setdefault((str(row.get("worker_name") or row["worker"]), row["worker"]), []).append(row)
+    for (name, address), worker_rows in by_worker.items():
+        counts = totals.totals(name, address, {_row_key(r): (int(r.get("calls") or 0), int(r.get("errors") or 0))
+                                               for r in worker_rows})
+        for row in worker_rows:
+            row["calls"], row["errors"] = counts[_row_key(row)]
+    return rows
+
+
+def _row_key(row: dict):
+    """A metrics row's session, the same in every incarnation of its worker."""
+    return row.get("device_id") or (row.get("target"), row.get("backend"), row.get("device"))
+
+
+def _waiting_for(warming: list[WorkerRoute], target: str, backend: str | None) -> str:
+    """What a call waiting for the pool waits for, in a few words for the run view."""
+    if not warming:
+        return "waiting for the pool's workers to start"
+    names = ", ".join(sorted(r.name for r in warming)[:3]) + (" ..." if len(warming) > 3 else "")
+    if backend is None:
+        from ..backends import registry
+
+        backend = registry.default_backend(target)
+    what = f"{backend} for {target}"
+    return f"warming up {what} on worker{'s' if len(warming) > 1 else ''} {names}"

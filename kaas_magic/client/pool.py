@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TextIO
 
 from .. import config as kaas_config
 from .. import fastlink
+from .. import pool_log as _pool_log
 from ..errors import PoolNotRunning
 from ..fastlink import Links
 from ..handles import DeviceHandle
@@ -17,7 +19,7 @@ from ..protocol import FETCH_HANDLE, FETCH_VALUE, PUT_KEPT, PUT_VALUE, CallReque
 from ..record import RunRecord
 from ..targets import Service
 from . import cluster as _cluster
-from .calls import CallPath, RunResult, _transfer_limits, cell_inputs
+from .calls import CallPath, CellInputs, RunResult, _transfer_limits
 from .control import ControlPlane
 from .kept import KeptData
 from .kernels import KernelRegistry
@@ -36,6 +38,9 @@ class Pool:
     def __init__(self, client, cluster=None):
         self.client = client
         self.cluster = cluster
+        # The pool's log (see pool_log): Dask's and kaas's log lines, not the cells'.
+        self.pool_log = _pool_log.take(client, embedded=cluster is not None)
+        weakref.finalize(self, self.pool_log.close)  # also if this constructor fails
         # Names this client on shared workers: its kept buffers are its own.
         self.client_id = uuid.uuid4().hex
         self._router = Router()
@@ -53,6 +58,7 @@ class Pool:
         self._control.sync(self._control.refresh_routes())
         self._refresher = asyncio.run_coroutine_threadsafe(
             self._control.refresh_forever(lambda: self._closed, self._kept.pending), self.loop)
+        self._calls.ready_at = time.perf_counter()  # a call begun before waited for the pool
 
     # -- construction --
 
@@ -106,7 +112,7 @@ class Pool:
         code: str,
         target: str = "cpu",
         *,
-        inputs: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, Any] | CellInputs | None = None,
         outputs: Iterable[str] | None = None,
         backend: str | None = None,
         fallback: bool | None = None,
@@ -119,6 +125,8 @@ class Pool:
         progress: Callable[[str, RunRecord], None] | None = None,
         timeout: float | None = None,
         retries: int = 0,
+        value: bool = True,
+        started: float | None = None,
     ) -> RunResult:
         """Run ``code`` on a warm worker serving ``target``.
 
@@ -144,12 +152,20 @@ class Pool:
         code holding the GIL) is killed from outside by its supervisor and replaced. Interrupting this call (Ctrl-C, the notebook's stop
         button) stops the remote code too. ``retries`` re-runs the call elsewhere when its
         worker dies under it; only ask for it when running the code twice is safe.
+
+        When ``code`` ends in an expression, its value comes home as ``RunResult.value``
+        (as IPython keeps a cell's value; under the same rules as outputs, a handle with
+        ``keep``); ``value=False`` leaves it on the worker. ``started``: the
+        ``time.perf_counter()`` at which the caller began waiting for this call (the module
+        functions pass the moment before they started the pool, so that a first call's
+        record counts the pool's start as its startup phase).
         """
-        t_start = time.perf_counter()
+        t_start = time.perf_counter() if started is None else started
         self._check_usable()
         return self._calls.run(code, target, inputs, outputs, filename, line_offset, self._registry.registered,
                                t_start, backend=backend, fallback=fallback, worker=worker, stdout=stdout,
-                               stderr=stderr, keep=keep, progress=progress, timeout=timeout, retries=retries)
+                               stderr=stderr, keep=keep, progress=progress, timeout=timeout, retries=retries,
+                               value=value)
 
     def run_cell(
         self,
@@ -167,8 +183,10 @@ class Pool:
         Inputs default to the names the cell reads that ``namespace`` defines, except the
         names the backend injects (``xp``, ``device`` ...) and those in ``exclude``.
         """
-        names = cell_inputs(code, target, namespace, inputs, exclude, options, self.route)
-        result = self.run(code, target, inputs={n: namespace[n] for n in names}, outputs=outputs, **options)
+        started = options.pop("started", None)
+        t_start = time.perf_counter() if started is None else started
+        chosen = CellInputs(code, namespace, inputs, exclude, options.get("filename"), options.get("line_offset", 0))
+        result = self.run(code, target, inputs=chosen, outputs=outputs, started=t_start, **options)
         namespace.update(result.outputs)
         return result
 
@@ -247,12 +265,12 @@ class Pool:
 
     def call(self, name: str, *args, target: str | None = None, backend: str | None = None,
              fallback: bool | None = None, keep: bool = False, timeout: float | None = None,
-             retries: int = 0, **kwargs) -> Any:
+             retries: int = 0, started: float | None = None, **kwargs) -> Any:
         """Run kernel ``name`` with ``args`` on the best device that can, and return its
         result as host values (``keep=True``: as handles to device buffers). Arguments are
         checked against the signature before launch; handles among them are used in place.
-        ``retries`` as for :meth:`run`."""
-        t_start = time.perf_counter()
+        ``retries`` and ``started`` as for :meth:`run`."""
+        t_start = time.perf_counter() if started is None else started
         self._check_usable()
         return self._registry.call(self._calls.submit, name, args, kwargs, target=target, backend=backend,
                                    fallback=fallback, keep=keep, timeout=timeout, retries=retries,
@@ -305,6 +323,7 @@ class Pool:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+        self.pool_log.close()  # after the cluster's last lines
 
     def __enter__(self) -> "Pool":
         return self

@@ -77,6 +77,11 @@ class KaasWorkerPlugin(WorkerPlugin):
         self.config = config
 
     def setup(self, worker) -> None:
+        # First: the worker's output goes to its file in the pool's log (kaas.pool.log.
+        # worker-output), and the supervisor the runtime starts inherits that (see pool_log).
+        from .. import pool_log
+
+        pool_log.worker_started(worker, self.config)
         install(worker, self.config)
 
 

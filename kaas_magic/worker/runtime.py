@@ -158,7 +158,7 @@ class WorkerRuntime:
         except LookupError as e:
             return self._addressed(failed_reply(e), "", received_at)
         slot = self.slot(session)
-        call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, timeout)
+        call = RunningCall(msg.get("call_id") or uuid.uuid4().hex, timeout, received_at=received_at)
         stops = self.stops
         if not stops.register(call, slot):
             return self._addressed(failed_reply(KaasUsageError(
@@ -176,7 +176,7 @@ class WorkerRuntime:
                     stream.finish()
             except LeftQueue:
                 waited = time.perf_counter() - queued_at
-                reply = failed_reply(stop_error(call, self.worker.address, replaced=False))
+                reply = failed_reply(stop_error(call, self.worker.address, replaced=False, queued=True))
             if call.abandoned:  # already answered by CallStops._escalate; this process is on its way out
                 return None
             slot.finished(time.time() - received_at, reply["ok"])
@@ -240,7 +240,11 @@ class WorkerRuntime:
     # -- introspection: Dask comm handlers on the worker's event loop --
 
     async def handle_endpoint(self) -> dict | None:
-        return self.endpoint
+        """Where this worker serves direct links, and the device behind each warm service
+        (so a call's view names its device before the first reply)."""
+        if self.endpoint is None:
+            return None
+        return {**self.endpoint, "devices": {resource: s.device for resource, s in list(self.sessions.items())}}
 
     async def handle_info(self) -> dict:
         return self.info()
@@ -273,6 +277,7 @@ class WorkerRuntime:
                     "backend": offer.service.backend,
                     "kind": offer.service.kind,
                     "device": offer.device,
+                    "physical_device": _physical_device(self.sessions[resource]) if resource in self.sessions else "",
                     "calls": self.calls[resource],
                 }
                 for resource, offer in self.offers.items()
@@ -301,6 +306,9 @@ class WorkerRuntime:
             "worker_name": str(self.worker.name),
             "host": self.host,
             "device_id": device_id,
+            # The physical device (shared by backends: "cpu" for NumPy, JAX on XLA:CPU,
+            # PoCL and Aer alike), by which the monitor groups rows; see Session.physical_device.
+            "physical_device": _physical_device(session),
             "target": service.target,
             "backend": service.backend,
             "kind": service.kind,
@@ -319,6 +327,13 @@ class WorkerRuntime:
             "kept_bytes": self.buffers.bytes_on(device_id),
             "warm_kernels": sorted(n for n, st in stats.items() if st["compiles"] + st["disk_loads"] + st["cache_hits"]),
         }
+
+
+def _physical_device(session: Session) -> str:
+    try:
+        return str(session.physical_device)
+    except Exception:  # a backend that cannot tell: its session is a device of its own
+        return session.device_id
 
 
 def _configured_max_timeout(config: dict) -> float:
