@@ -113,6 +113,16 @@ def call(name: str, *args: Any, **kwargs: Any) -> Any:
     return pool().call(name, *args, **kwargs)
 
 
+# concurrent.futures' own, for the futures of calls made with block=False.
+from concurrent.futures import as_completed, wait  # noqa: E402
+
+
+def map(fn_or_code: str, iterable, **options: Any):  # noqa: A001 - kaas.map, as Executor.map
+    """Many calls at once on the default pool: ``kaas.map("scale", [(a, 2.0), ...])``, or
+    code over dicts of inputs; see :meth:`kaas_magic.client.Pool.map`."""
+    return pool().map(fn_or_code, iterable, **options)
+
+
 def pool_started() -> bool:
     """Whether the default pool is started or connected (a call now would not wait for it)."""
     return _pool is not None
@@ -161,6 +171,11 @@ def status() -> "PoolStatus":
     return pool().status()
 
 
+def adapt(minimum: int = 1, maximum: int | None = None, **policy: Any):
+    """Grow and shrink the default pool with its load; see :meth:`Pool.adapt`."""
+    return pool().adapt(minimum, maximum, **policy)
+
+
 def load_ipython_extension(ipython) -> None:
     from .magics import KaasMagics
 
@@ -172,7 +187,7 @@ def unload_ipython_extension(ipython) -> None:
 
 
 __all__ = [
-    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "use_pool", "pool_started", "shutdown", "run", "run_cell", "last_run", "status",
+    "TARGETS", "config", "call", "put", "register", "kernels", "metrics", "monitor", "panel", "start", "connect", "pool", "use_pool", "pool_started", "shutdown", "wait", "as_completed", "run", "run_cell", "last_run", "status", "adapt",
     "KaasError", "KaasUsageError", "RemoteError", "StaleHandleError", "TargetUnavailable", "VariableNotSendable",
     "WorkerLost",
 ]

@@ -1,4 +1,6 @@
-"""A running call's print output and state changes, sent to its caller as they happen.
+"""A running call's print output, rich displays and state changes, sent to its caller as they
+happen: chunks ``(name, text)``, ``name`` "stdout", "stderr" or "state", and
+``("display", payload)`` for a displayed object (see worker.display, protocol.DisplayChunk).
 
 The rules that keep one slow notebook from hurting anyone else:
 - Nothing here runs on the worker's event loop: a send that blocks there would stop the
@@ -8,7 +10,9 @@ The rules that keep one slow notebook from hurting anyone else:
   never blocks on a caller: it sends only to a link that can take data now and whose lock is
   free, and otherwise looks again a little later.
 - What waits is bounded (MAX_PENDING characters per call); past that, text is dropped and
-  counted, and the caller is told how much at the end.
+  counted, and the caller is told how much at the end. A display is sent at once, by the
+  call's own thread (after the text before it, in order), never dropped; one display is at
+  most MAX_DISPLAY characters (worker.display turns a larger one into a text note).
 - A send that fails or stalls past the link's send timeout drops the link (see
   fastlink.Replier): the call goes on, its output is discarded.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import select
 import threading
 import time
@@ -25,6 +30,7 @@ import time
 class CallStream:
     FLUSH_S = 0.02
     MAX_PENDING = 8 * 2**20  # characters waiting to be sent, per call
+    MAX_DISPLAY = 8 * 2**20  # characters of one display's bundle (base64 images included)
 
     def __init__(self, replier):
         self.replier = replier
@@ -37,7 +43,14 @@ class CallStream:
         self._scheduled = False
         self.closed = False  # answered (or the link broke): later writes are dropped
 
-    def write(self, name: str, text: str) -> None:
+    def write(self, name: str, text) -> None:
+        if name == "display":  # ``text`` is the display's payload (a dict)
+            with self._lock:
+                if self.closed:
+                    return
+                self._chunks.append((name, text))
+            self.flush()
+            return
         with self._lock:
             if self.closed:
                 return
@@ -85,6 +98,21 @@ class CallStream:
         self.flush()
         with self._lock:
             self.closed = True
+
+
+def display_size(payload: dict) -> int:
+    """The characters a display's payload carries (its data's text; a JSON value's by its
+    length as JSON)."""
+    size = 0
+    for value in (payload.get("data") or {}).values():
+        if isinstance(value, str):
+            size += len(value)
+        else:
+            try:
+                size += len(json.dumps(value))
+            except (TypeError, ValueError):
+                size += 64
+    return size
 
 
 def _writable(replier) -> bool:

@@ -50,6 +50,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.kernels import main
     elif args.which == "paper":
         from .bench.paper import main
+    elif args.which == "fanout":
+        from .bench.fanout import main
+    elif args.which == "control":
+        from .bench.control import main
     elif args.which == "load":
         from .bench.load import main
 
@@ -82,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured in one run")
-    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load"],
+    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load", "fanout", "control"],
                        help="overhead: per-call cost against Dask, ipyparallel and a Pipe; "
                             "kernels: warm kernel calls and a kept-data chain against in-process calls; "
                             "paper: the seed paper's completion-time table, naive fresh processes vs the warm pool; "
-                            "load: concurrent notebook clients on mixed targets, then a memory soak")
+                            "load: concurrent notebook clients on mixed targets, then a memory soak; "
+                            "fanout: many tiny tasks through kaas.map vs a serial call loop, Dask client.map and Ray; "
+                            "control: control-plane messages and routing quality against workers and clients")
     bench.add_argument("--calls", type=int, default=300, help="calls per measurement")
     bench.add_argument("--no-ipyparallel", action="store_true", help="skip ipyparallel even if installed")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -105,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--faults", action="store_true",
                       help="one more client injects faults (runaway native code, vanished callers, slow readers, "
                            "cells that change process state) while the others run")
+    fanout = bench.add_argument_group("fanout")
+    fanout.add_argument("--tasks", type=int, default=2000, help="tiny tasks per path (default 2000)")
+    fanout.add_argument("--slow-tasks", type=int, default=400, help="tasks of 5 ms per path (default 400)")
+    control = bench.add_argument_group("control")
+    control.add_argument("--workers-list", default="4,16,32", help="pool sizes to run (default 4,16,32)")
+    control.add_argument("--clients-list", default="2,8", help="numbers of clients to run (default 2,8)")
+    control.add_argument("--task-ms", type=float, default=10.0, help="each call sleeps this long (default 10)")
+    control.add_argument("--seconds-each", dest="control_seconds", type=float, default=8.0,
+                         help="seconds each run lasts (default 8)")
     bench.set_defaults(func=_bench)
     return parser
 

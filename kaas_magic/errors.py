@@ -44,6 +44,10 @@ class CellInterrupted(KeyboardInterrupt):
         return [f"KeyboardInterrupt: {self}"]
 
 
+class CallCancelled(KaasError):
+    """A call whose future was cancelled before it was sent: nothing ran."""
+
+
 class CellSyntaxError(KaasError, ValueError):
     """A ``%%kaas`` cell that is not valid Python, shown as a normal cell's syntax error is:
     the line and the caret, no frames (a SyntaxError itself IPython shows with every frame

@@ -60,6 +60,9 @@ def run_options(func):
 @magic_arguments()
 @argument("target", choices=list(TARGETS), metavar="TARGET",
           help="where to run: " + ", ".join(f"{t} ({d})" for t, d in TARGETS.items()))
+@argument("--background", "-B", action="store_true",
+          help="return at once: the cell's output, run view and value land here as they arrive, its "
+               "variables are assigned when it finishes (%%kaas wait waits for it)")
 @argument("--register", "-r", metavar="SIGNATURE",
           help="register the cell as a kernel instead of running it: its name, or its signature "
                "such as 'scale(a: float32[n], out: out float32[n], k: float32)'")
@@ -89,6 +92,14 @@ def _command_parser() -> MagicArgumentParser:
     sub.add_parser("monitor", help="live view of every device in the pool: occupancy, utilisation, latency")
     sub.add_parser("panel", help="the monitor, docked in a JupyterLab side panel")
     sub.add_parser("log", help="the pool's log: Dask's and the workers' own messages, kept out of cells")
+    wait = sub.add_parser("wait", help="wait for background cells (%%kaas -B): all, or those of the prompts given")
+    wait.add_argument("cells", nargs="*", type=int, metavar="N", help="prompt numbers, e.g. 5 for In[5]")
+    wait.add_argument("--timeout", "-t", type=float, default=None, metavar="SECONDS")
+    adapt = sub.add_parser("adapt", help="grow and shrink the pool with its queue: MIN MAX [interval=S idle-after=S "
+                                         "...], off, or (nothing) the state and latest decisions")
+    adapt.add_argument("words", nargs="*", metavar="MIN MAX | off")
+    cancel = sub.add_parser("cancel", help="stop background cells: all running, or those of the prompts given")
+    cancel.add_argument("cells", nargs="*", type=int, metavar="N")
     sub.add_parser("stop", help="close the pool (and the embedded cluster)")
     return parser
 
@@ -125,6 +136,10 @@ Examples:
   %kaas kernels                registered kernels and where they are compiled
   %kaas monitor                live view of every device (%kaas panel: in a side panel)
   %kaas log                    the pool's own log messages
+  %%kaas gpu -B                run the cell in the background; later cells run meanwhile
+  %kaas wait                   wait for the background cells (and raise the first error); %kaas wait 5: In[5] only
+  %kaas cancel 5               stop background cell In[5]
+  %kaas adapt 1 8              grow the pool to 8 workers under sustained queueing, back to 1 when idle
   %kaas stop                   close the pool
 """
 
@@ -176,11 +191,14 @@ class KaasMagics(Magics):
             exclude = _ipython_machinery(shell, cell, filename)
         except SyntaxError as e:  # like a normal cell's: the line and the caret, no frames
             raise CellSyntaxError(e) from None
-        view = None if args.quiet else inline_view()
+        view = None if args.quiet else inline_view(end_with_cell=not args.background)
         if view is not None and not kaas.pool_started():
             from .record import RunRecord
 
             view.update("starting", RunRecord(call_id="", target=args.target, waiting_for="starting the pool"))
+        if args.background:
+            self._background(args, cell, view, filename, exclude, started)
+            return None
         try:
             result = kaas.run_cell(
                 cell,
@@ -213,6 +231,23 @@ class KaasMagics(Magics):
         if asked:  # the user named these: not getting them is an error, not a note
             raise OutputNotReturned("; ".join(f"{n!r} not returned: {result.record.skipped[n]}" for n in asked))
         return result.value
+
+    def _background(self, args, cell: str, view, filename: str, exclude: set[str], started: float) -> None:
+        """``%%kaas -B``: start the call and return; it shows in this cell as it goes (see
+        background)."""
+        import kaas_magic as kaas
+
+        from .background import CELLS
+
+        def submit(stdout, stderr):
+            return kaas.run_cell(
+                cell, args.target, self.shell.user_ns, inputs=_names(args.inputs), outputs=_names(args.outputs),
+                exclude=exclude, backend=args.backend, fallback=args.fallback, worker=args.worker,
+                filename=filename, line_offset=1, keep=args.keep, timeout=args.timeout, retries=args.retries,
+                progress=view.update if view is not None else None, stdout=stdout, stderr=stderr,
+                value=not DisplayHook.semicolon_at_end_of_expression(cell), started=started, block=False)
+
+        CELLS.start(self.shell.execution_count, submit)
 
     def _register(self, args, cell: str):
         import kaas_magic as kaas
@@ -268,6 +303,25 @@ class KaasMagics(Magics):
             from . import pool_log
 
             return pool_log.show()
+        if args.command == "wait":
+            from .background import CELLS
+
+            cells = CELLS.wait(args.cells or None, args.timeout)
+            print("kaas: " + (", ".join(f"In[{c.number}] {c.state}" for c in cells) or "no background cells"))
+            return None
+        if args.command == "cancel":
+            from .background import CELLS
+
+            cells = [c for c in CELLS.get(args.cells or None) if not c.future.done()]
+            for c in cells:
+                c.future.cancel()
+            print("kaas: " + (", ".join(f"In[{c.number}] cancelled" for c in cells) or "no background cell was running"))
+            return None
+        if args.command == "adapt":
+            from .client.adapt import adapt_command
+
+            print(adapt_command(kaas.pool(), " ".join(args.words)))
+            return None
         if args.command == "stop":
             kaas.shutdown()
             print("kaas pool closed")

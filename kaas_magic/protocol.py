@@ -10,7 +10,10 @@ never by code generated in the notebook:
 - ``"call"``: one kernel, ``kernel``, its arguments the inputs by parameter name;
 - ``"put"``: the input ``__value`` copied onto the device, kept there as ``__kept``;
 - ``"fetch"``: a kept buffer, the input ``__handle``, brought home as ``__value``;
-- ``"compile"``: kernel ``kernel`` compiled (or loaded) on the device: ``__how`` says how.
+- ``"compile"``: kernel ``kernel`` compiled (or loaded) on the device: ``__how`` says how;
+- ``"batch"``: many small calls as one (Pool.map): ``items``, each its inputs packed, run in
+  turn with kernel ``kernel`` (or, without one, the ``code``); the reply's output
+  ``BATCH_RESULTS`` is one :class:`BatchItem` per item, in order.
 
 A reply is built in one place, :func:`reply`, for calls that ran and for calls that
 ended before or instead of running (refused, timed out, stopped); the worker's runtime
@@ -22,7 +25,7 @@ addresses it (who answered, when) as it sends it.
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict, get_args
 
-Op = Literal["run", "call", "put", "fetch", "compile"]
+Op = Literal["run", "call", "put", "fetch", "compile", "batch"]
 OPS: frozenset[str] = frozenset(get_args(Op))
 
 # The names an operation reads and writes (the request's ``inputs`` and ``outputs``).
@@ -33,6 +36,8 @@ CALL_RESULT = "__result"
 # others (sent home, kept, or skipped under the same rules), named apart from any variable.
 CELL_VALUE = "__kaas_value__"
 COMPILE_HOW = "__how"
+# A batch's per-item results (a list of BatchItem), the one output of a "batch" reply.
+BATCH_RESULTS = "__batch__"
 
 
 class CallRequest(TypedDict):
@@ -55,14 +60,29 @@ class CallRequest(TypedDict):
     value: NotRequired[bool]  # "run": send home the value of a final expression (as CELL_VALUE)
     kernel: NotRequired[str]  # "call", "compile": the kernel's name
     kernels: NotRequired[list[dict]]  # registered kernels (KernelSpec.to_dict) the call may use
+    items: NotRequired[list[dict[str, Any]]]  # "batch": each item's inputs, name -> serial.Packed
 
 
 class StreamMessage(TypedDict):
-    """Print output (``"stdout"``, ``"stderr"``) and states (``"state"``) as they happen."""
+    """Print output (``"stdout"``, ``"stderr"``), states (``"state"``) and rich displays
+    (``"display"``, its payload a :class:`DisplayChunk`) as they happen, in order."""
 
     kind: Literal["stream"]
-    chunks: list[tuple[str, str]]
+    chunks: list[tuple[str, Any]]  # (name, text), or ("display", DisplayChunk)
     call_id: str | None  # stamped by fastlink.Replier
+
+
+class DisplayChunk(TypedDict):
+    """A displayed object (``display(obj)``, ``IPython.display``, a matplotlib figure; see
+    worker.display), as Jupyter's display_data carries it: plain data, JSON-safe, binary
+    data (images) as base64 text. Or, alone, ``clear``: clear the cell's output (the value:
+    wait for the next output)."""
+
+    data: NotRequired[dict[str, Any]]  # MIME type -> text (or a JSON value)
+    metadata: NotRequired[dict[str, Any]]
+    transient: NotRequired[dict[str, Any]]  # {"display_id": ...}
+    update: NotRequired[bool]  # replaces the output of transient's display_id
+    clear: NotRequired[bool]
 
 
 class Timings(TypedDict):
@@ -113,6 +133,19 @@ class Reply(TypedDict):
     received_at: float  # the worker's wall clock
     replied_at: float
     call_id: NotRequired[str | None]  # stamped by fastlink.Replier
+    # Calls running or queued per service of the worker as it replied: every reply carries
+    # the worker's load, so a busy client needs no separate load requests (see ControlPlane).
+    load: NotRequired[dict[str, int]]
+
+
+class BatchItem(TypedDict):
+    """One item of a batch, in its reply: its result (packed), its error, or that it did
+    not run (the batch was stopped first)."""
+
+    ok: bool
+    value: NotRequired[Any]  # serial.Packed, when ok
+    error: NotRequired[ErrorInfo]  # when it failed
+    not_run: NotRequired[bool]  # the batch was stopped before this item
 
 
 class Refused(TypedDict):

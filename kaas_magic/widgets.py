@@ -395,9 +395,11 @@ def _frontend_shows_widgets() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def inline_view() -> RunView | None:
+def inline_view(end_with_cell: bool = True) -> RunView | None:
     """Display a run view in the current cell and return it, or None when the setting
-    ``kaas.widgets.inline`` is off, ipywidgets is missing or no frontend can show it."""
+    ``kaas.widgets.inline`` is off, ipywidgets is missing or no frontend can show it.
+    ``end_with_cell=False`` for a call that outlives its cell (``%%kaas --background``):
+    the call ends the view itself."""
     from . import config
 
     if not config.get("widgets.inline") or not _frontend_shows_widgets():
@@ -411,7 +413,8 @@ def inline_view() -> RunView | None:
 
     widget = ipywidgets.HTML(value=render_html("queued", None))
     view = RunView(widget, display(display_data("queued", None, widget=widget), raw=True, display_id=True))
-    _finish_with_cell(view, get_ipython())
+    if end_with_cell:
+        _finish_with_cell(view, get_ipython())
     return view
 
 

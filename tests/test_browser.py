@@ -42,7 +42,7 @@ pytestmark = [
 ]
 
 # One cell per step; the tests run them by index.
-SETUP, RUN_VIEW, MONITOR, LONG, SCALE_UP, SCALE_DOWN, PANEL, INTERRUPTED, SLEEPS = range(9)
+SETUP, RUN_VIEW, MONITOR, LONG, SCALE_UP, SCALE_DOWN, PANEL, INTERRUPTED, SLEEPS, BACKGROUND, MEANWHILE = range(11)
 CELLS = [
     "import kaas_magic as kaas\n"
     "import kaas_magic.config\n"
@@ -69,6 +69,16 @@ CELLS = [
     "import time\n"
     "time.sleep(3)  # the run view counts the seconds meanwhile\n"
     "slept = 3",
+    "%%kaas cpu --background\n"
+    "import time\n"
+    "print('background started', flush=True)\n"
+    "time.sleep(4)\n"
+    "print('background done')\n"
+    "'the value ' * 2",
+    "%%kaas cpu\n"
+    "import time\n"
+    "time.sleep(1)\n"
+    "print('meanwhile out')",
 ]
 
 # JupyterLab settings for a quiet, predictable page: every cell in the DOM, no news toast.
@@ -357,6 +367,20 @@ def test_interrupted_cell_leaves_a_cancelled_view(page):
     page.get_by_title("Interrupt the kernel").click()  # the toolbar's stop button
     expect(view).to_have_class(re.compile(r"\bkaas-state-cancelled\b"))
     expect(cell(page, INTERRUPTED).locator(".jp-OutputArea-output").last).to_contain_text("KeyboardInterrupt")
+
+
+def test_a_background_cell_fills_its_own_output_while_another_cell_runs(page):
+    from playwright.sync_api import expect
+
+    run_cell(page, BACKGROUND)
+    wait_until_executed(page, BACKGROUND, 30)  # it returned at once
+    run_cell(page, MEANWHILE)
+    background, meanwhile = cell(page, BACKGROUND), cell(page, MEANWHILE)
+    expect(meanwhile.locator(".jp-OutputArea-output").last).to_contain_text("meanwhile out", timeout=60_000)
+    expect(background.locator(".jp-OutputArea")).to_contain_text("background done", timeout=60_000)
+    expect(background.locator(".jp-OutputArea")).to_contain_text("the value the value")
+    expect(background.locator(".kaas-run")).to_have_class(re.compile(r"\bkaas-state-done\b"))
+    assert "background" not in meanwhile.locator(".jp-OutputArea").inner_text()
 
 
 def test_kernel_restart_leaves_no_live_looking_view(page):

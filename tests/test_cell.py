@@ -7,6 +7,7 @@ with the wait for the pool counted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -69,6 +70,7 @@ class Kernel:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=120)
         self.cells: list[Cell] = []
+        self.messages: list[dict] = []  # every iopub message, of any cell (display updates)
 
     def run(self, code: str, timeout: float = 180, interrupt_on: str | None = None) -> Cell:
         """Execute ``code``; with ``interrupt_on``, interrupt the kernel once the cell has
@@ -83,6 +85,7 @@ class Kernel:
                 msg = self.client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 raise TimeoutError(f"cell did not finish within {timeout} s: {code!r}") from None
+            self.messages.append(msg)
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             kind, content = msg["msg_type"], msg["content"]
@@ -118,12 +121,12 @@ class Kernel:
         self.manager.shutdown_kernel(now=True)
 
 
-@pytest.fixture(scope="module")
-def kernel():
+@contextlib.contextmanager
+def kernel_with_kaas():
+    """A real kernel with ``%load_ext kaas_magic`` run; its pool stopped and the kernel shut
+    down after (the module fixtures of the real-kernel tests)."""
     k = Kernel()
     k.run("%load_ext kaas_magic")
-    k.first = k.run("%%kaas cpu\nq = 1")  # the first cell: it waits for the pool to start
-    k.first_record = k.last_record()
     try:
         yield k
     finally:
@@ -131,6 +134,14 @@ def kernel():
             k.run("%kaas stop", timeout=60)
         finally:
             k.close()
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    with kernel_with_kaas() as k:
+        k.first = k.run("%%kaas cpu\nq = 1")  # the first cell: it waits for the pool to start
+        k.first_record = k.last_record()
+        yield k
 
 
 def phases_sum_to_total(record: dict) -> bool:

@@ -107,8 +107,25 @@ def check_paper(nb):
     assert any("image/png" in out.get("data", {}) for c in cells for out in c.get("outputs", []))
 
 
+def check_fanout(nb):
+    import re
+
+    shown = shown_in(nb)
+    for line in ("sweep ok", "meanwhile ok", "background ok"):
+        assert line in shown  # each printed only when the result matches the notebook's own reference
+    assert "WRONG" not in shown
+    assert "256 tiles -> image (2048, 2048)" in shown and "0 errors, 0 not run" in shown
+    # The pool grew under the sweep and shrank back, and the policy said why.
+    assert re.search(r"queue of \d+ for [\d.]+ s .*: 1 -> 2 workers", shown), shown
+    assert re.search(r"idle .*: 2 -> 1 workers", shown) and "workers now: 1" in shown
+    # The background cell's print and value landed in its own cell.
+    background = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("%%kaas cpu -B"))
+    assert "peak at bin 20" in text_of(background) and "started" in text_of(background)
+    assert any("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", []))
+
+
 CHECKS = {"01-quickstart.ipynb": check_quickstart, "02-kernels.ipynb": check_kernels,
-          "03-quantum.ipynb": check_quantum, "05-paper.ipynb": check_paper}
+          "03-quantum.ipynb": check_quantum, "05-paper.ipynb": check_paper, "06-fanout.ipynb": check_fanout}
 
 
 @pytest.mark.timeout(900)

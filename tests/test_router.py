@@ -168,3 +168,40 @@ def test_kernel_choice_prefers_a_simulator_to_a_stand_in_and_is_cached_per_table
     assert router.kernel_choice([QISKIT], None, None, False) is first
     router.forget("tcp://a:1")
     assert router.kernel_choice([QISKIT], None, None, False) is None
+
+
+def test_only_workers_not_heard_from_lately_are_asked_for_their_load(monkeypatch):
+    import kaas_magic.client.router as router_module
+
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    router = Router()
+    addresses = [f"w{i}" for i in range(1000)]
+    # Never heard from: asked, a few at a time however many workers there are.
+    first = router.stale_load(addresses, older_than=2.0, at_most=2)
+    assert len(first) == 2 and set(first) <= set(addresses)
+    for a in addresses[:998]:  # replies carried their load just now
+        router.note_load(a, {"svc": 0})
+    assert set(router.stale_load(addresses, 2.0, 5)) == {"w998", "w999"}
+    now[0] += 3.0  # every report is stale now: the stalest first
+    router.note_load("w0", {"svc": 1})
+    asked = router.stale_load(addresses, 2.0, 3)
+    assert len(asked) == 3 and "w0" not in asked and {"w998", "w999"} <= set(asked)
+    router.keep_load_of(addresses[:10])  # workers that left are forgotten
+    assert set(router.load_heard) <= set(addresses[:10])
+
+
+def test_a_reply_carries_its_workers_load_into_routing(pool):
+    import time
+
+    for _ in range(20):  # retried until no load request raced the call
+        requests = pool._control.load_requests
+        before = time.monotonic()
+        result = pool.run("z = 1", "cpu")
+        if pool._control.load_requests == requests:
+            break
+    assert pool._control.load_requests == requests, "a load request raced every attempt"
+    worker = result.record.worker
+    assert pool._router.load_heard[worker] >= before  # heard in the reply: nobody asked
+    reported, _ = pool._router.load[worker]
+    assert any(s.resource in reported for s in pool._router.table[worker].services)

@@ -17,7 +17,7 @@ import pickle
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TextIO, cast
 
 from .. import config as kaas_config
@@ -43,6 +43,10 @@ class RunResult:
     record: RunRecord
     stdout: str = ""
     stderr: str = ""
+    # What the code displayed (display(), IPython.display, matplotlib figures), in order:
+    # each {"data": {mime: text}, "metadata": {...}} (images as base64 text), as Jupyter's
+    # display_data carries it. In IPython they were shown where the call was made.
+    displays: list = field(default_factory=list)
     # The value of the code's final expression, as IPython keeps a cell's (None when the
     # code ends in a statement, or its value was not asked for).
     value: Any = None
@@ -70,7 +74,8 @@ class CallPath:
         self.devices: dict[tuple[str, str], str] = {}  # (service resource, worker) -> its device
 
     def run(self, code: str, target: str, inputs, outputs, filename, line_offset, kernels: dict, t_start: float, *,
-            backend, fallback, worker, stdout, stderr, keep, progress, timeout, retries, value: bool = True) -> RunResult:
+            backend, fallback, worker, stdout, stderr, keep, progress, timeout, retries, value: bool = True,
+            watch=None) -> RunResult:
         """Pool.run, once the pool is known usable: the cell's request, then :meth:`submit`.
         ``inputs``: a mapping, or :class:`CellInputs` (what Pool.run_cell sends, chosen once
         the call is routed)."""
@@ -91,7 +96,8 @@ class CallPath:
             inputs = dict(inputs or {})
         return self.submit(body, target, inputs, output_names,
                            backend=backend, fallback=fallback, worker=worker, stdout=stdout, stderr=stderr,
-                           keep=keep, progress=progress, timeout=timeout, retries=retries, t_start=t_start)
+                           keep=keep, progress=progress, timeout=timeout, retries=retries, t_start=t_start,
+                           watch=watch)
 
     def operation(self, op: Op, target: str, inputs: dict, output: str, t_start: float, *, filename: str,
                   kernel: str | None = None, kernels: list[dict] | None = None, backend=None, fallback=None,
@@ -107,9 +113,12 @@ class CallPath:
                            t_start=t_start)
 
     def submit(self, body: dict, target: str, inputs: dict, output_names: list[str], *, backend, fallback,
-               worker, stdout, stderr, keep, progress, timeout, retries, t_start: float) -> RunResult:
+               worker, stdout, stderr, keep, progress, timeout, retries, t_start: float,
+               watch: Callable[[str, RunRecord], None] | None = None) -> RunResult:
         """What every call shares: route, send, relay, rebuild, record. ``body`` says what
-        runs: its ``op`` (see protocol) and what that needs (cell code, a kernel's name)."""
+        runs: its ``op`` (see protocol) and what that needs (cell code, a kernel's name).
+        ``progress`` is told every state, the worker's included; ``watch`` (a future's) the
+        states seen here only, so the worker streams none for it."""
         # Checked before anything is sent (a bad value must not switch a worker's safety
         # off). Every call runs under a timeout: its own, kaas.timeout, or (None) the
         # worker's kaas.limits.max-timeout.
@@ -118,12 +127,14 @@ class CallPath:
         started_wall = time.time() - (time.perf_counter() - t_start)
         call_id = f"{self.client_id[:16]}-{next(self.counter)}"  # unique across clients and hosts
         record = RunRecord(call_id=call_id, target=target, started_at=started_wall)
-        clock = _Clock(t_start, self.ready_at)
+        clock = _Clock(t_start, self.ready_at, watch)
         log_mark = pool_log.mark()  # the pool's warnings during this call become one note
         user_report = progress or _ignore
 
         def report(state: str, record: RunRecord) -> None:
             clock.state = state
+            if watch is not None:
+                watch(state, record)
             user_report(state, record)
 
         def waiting(why: str) -> None:
@@ -176,6 +187,8 @@ class CallPath:
             raise
         if reply["worker_exiting"]:
             self.control.forget_worker(record.worker)
+        elif "load" in reply:  # the worker's load, as it replied: no need to ask it again soon
+            self.router.note_load(record.worker, reply["load"])
 
         result_outputs, deserialize_time, value = {}, 0.0, None
         if reply["ok"]:
@@ -231,7 +244,16 @@ class CallPath:
             try:
                 sent_at = time.time()
                 reply, out = self.exchange(address, message, stdout, stderr, lambda state: report(state, record),
-                                           clock.sent)
+                                           lambda: clock.sent(record))
+                if _refused_as_retiring(reply) and where[3] is None:
+                    # Autoscaling retired that worker as the call was on its way; it ran
+                    # nothing: the call goes elsewhere, whatever its retries.
+                    self.router.mark_retiring(address)
+                    route, service, _ = self.control.route(*where)
+                    record.worker, record.host = route.address, route.host
+                    record.device = self._device(service.resource, route.address)
+                    message["service"] = service.resource
+                    continue
                 return reply, out, sent_at, time.perf_counter()
             except WorkerLost as e:
                 if not self.embedded and not self.control.scheduler_answers():
@@ -373,7 +395,6 @@ class CellInputs:
     def __init__(self, code: str, namespace: dict, names, exclude, filename: str | None, line_offset: int):
         from ..cellcode import analyse
 
-        self.namespace = namespace
         self.explicit = names is not None
         if names is None:
             reads = analyse(code, filename or "<kaas-cell>", line_offset).reads
@@ -384,9 +405,11 @@ class CellInputs:
             missing = [n for n in self.names if n not in namespace]
             if missing:
                 raise KaasError(f"--in names variables that are not defined: {', '.join(missing)}")
+        # Their values now: a call in the background sends what the cell saw when it started.
+        self.values = {n: namespace[n] for n in self.names}
 
     def candidates(self) -> dict:
-        return {n: self.namespace[n] for n in self.names}
+        return dict(self.values)
 
     def for_backend(self, backend: str) -> dict:
         if self.explicit:
@@ -394,15 +417,16 @@ class CellInputs:
         from .. import backends
 
         injected = set(backends.injected_names(backend))
-        return {n: self.namespace[n] for n in self.names if n not in injected}
+        return {n: v for n, v in self.values.items() if n not in injected}
 
 
 class _Clock:
     """One call's phase marks, and the record's Timings from them for every ending: the
     phases always add up to the call's total (see record.Timings.balanced)."""
 
-    def __init__(self, t_start: float, pool_ready_at: float):
+    def __init__(self, t_start: float, pool_ready_at: float, watch=None):
         self.t_start = t_start
+        self.watch = watch
         now = time.perf_counter()
         # The part of the caller's wait that came before the pool was usable.
         self.startup = max(0.0, min(pool_ready_at, now) - t_start)
@@ -419,8 +443,10 @@ class _Clock:
     def serialized(self) -> None:
         self.t_serialized = time.perf_counter()
 
-    def sent(self) -> None:
+    def sent(self, record: RunRecord) -> None:
         self.t_sent = time.perf_counter()
+        if self.watch is not None:  # a future's: it can now stop the call on its worker
+            self.watch("sent", record)
 
     def cut_short(self, t_end: float) -> Timings:
         """A call that ended without a reply (interrupted, timed out, its worker lost, bad
@@ -464,6 +490,12 @@ class _Clock:
 # The phase a call that ended early was in, by its last reported state.
 _PHASE_OF_STATE = {"starting": "startup", "queued": "queue", "sending": "transfer_in", "running": "execute",
                    "compiling": "setup", "receiving": "transfer_out"}
+
+
+def _refused_as_retiring(reply: Reply) -> bool:
+    """A worker being retired by autoscaling refused the call without running it."""
+    error = reply.get("error") if not reply.get("ok") else None
+    return bool(error) and str(error.get("type", "")).rsplit(".", 1)[-1] == "WorkerRetiring"
 
 
 def _note_pool_warnings(record: RunRecord, mark: int) -> None:
@@ -566,12 +598,20 @@ class _OutputRelay:
     here is the notebook's own (a stream that cannot encode a character, a closed stream,
     a view that fails to update): it never breaks the link or blames the worker. Text a
     stream cannot encode is written with backslash escapes; a stream that fails otherwise
-    is given up for this call (its text is still in the result)."""
+    is given up for this call (its text is still in the result).
+
+    Displays (``"display"`` chunks, see worker.display) are kept for the result and shown:
+    in IPython, when the call prints to the cell's own stream (``sys.stdout``), published
+    as display data in that cell, after the text before them; a stream with a
+    ``kaas_display(payload)`` method gets them itself; elsewhere (a script, a stream of
+    its own) their text/plain is written to stdout."""
 
     def __init__(self, stdout: TextIO, stderr: TextIO, on_state: Callable[[str], None]):
         self._streams: dict[str, TextIO | None] = {"stdout": stdout, "stderr": stderr}
         self._on_state = on_state
         self._text: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._displays: list[dict] = []
+        self._show: Callable[[dict], None] | None = None
 
     def write(self, chunks: list[tuple[str, str]]) -> None:
         for name, text in chunks:
@@ -581,10 +621,18 @@ class _OutputRelay:
                 except Exception:  # noqa: BLE001 - a view's trouble is not the call's
                     pass
                 continue
+            if name == "display":
+                self._display(text)
+                continue
+            if name not in self._text or not isinstance(text, str):  # not one of ours: ignored
+                continue
             self._text[name].append(text)
             stream = self._streams[name]
             if stream is not None:
                 self._streams[name] = _write_or_give_up(stream, text)
+        self._flush()
+
+    def _flush(self) -> None:
         for name, stream in self._streams.items():
             if stream is not None:
                 try:
@@ -592,8 +640,76 @@ class _OutputRelay:
                 except Exception:  # noqa: BLE001
                     self._streams[name] = None
 
-    def captured(self) -> tuple[str, str]:
-        return "".join(self._text["stdout"]), "".join(self._text["stderr"])
+    def _display(self, payload) -> None:
+        payload = _display_payload(payload)
+        if payload is None:
+            return
+        if "data" in payload:
+            self._displays.append(payload)
+        self._flush()  # the text before it, first
+        try:
+            if self._show is None:
+                self._show = _display_shower(self._streams["stdout"])
+            self._show(payload)
+        except Exception:  # noqa: BLE001 - the notebook's trouble: the display is still in the result
+            pass
+
+    def captured(self) -> tuple[str, str, list[dict]]:
+        return "".join(self._text["stdout"]), "".join(self._text["stderr"]), self._displays
+
+
+def _display_payload(payload) -> dict | None:
+    """A display chunk as sent by the worker, checked (nothing the peer sends is trusted):
+    None when it is not one."""
+    if type(payload) is not dict:
+        return None
+    if "data" not in payload:
+        return {"clear": bool(payload.get("clear"))} if "clear" in payload else None
+    data, metadata = payload.get("data"), payload.get("metadata") or {}
+    if type(data) is not dict or type(metadata) is not dict or not all(type(k) is str for k in data):
+        return None
+    checked = {"data": data, "metadata": metadata}
+    transient = payload.get("transient")
+    if type(transient) is dict and isinstance(transient.get("display_id"), str):
+        checked["transient"] = {"display_id": transient["display_id"]}
+        if payload.get("update") is True:
+            checked["update"] = True
+    return checked
+
+
+def _display_shower(stdout: TextIO | None) -> Callable[[dict], None]:
+    """How this call's displays are shown (see _OutputRelay)."""
+    own = getattr(stdout, "kaas_display", None)
+    if callable(own):
+        return own
+    shell = None
+    if "IPython" in sys.modules and stdout is not None and stdout is sys.stdout:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        if InteractiveShell.initialized():
+            shell = InteractiveShell.instance()
+    if shell is not None:
+        from IPython.display import clear_output, publish_display_data
+
+        def publish(payload: dict) -> None:
+            if "data" not in payload:
+                clear_output(wait=payload["clear"])
+                return
+            kwargs = {}
+            if "transient" in payload:
+                kwargs["transient"] = payload["transient"]
+                if payload.get("update"):
+                    kwargs["update"] = True
+            publish_display_data(payload["data"], payload["metadata"], **kwargs)
+
+        return publish
+
+    def as_text(payload: dict) -> None:
+        text = (payload.get("data") or {}).get("text/plain")
+        if isinstance(text, str) and stdout is not None:
+            _write_or_give_up(stdout, text + "\n")
+
+    return as_text
 
 
 def _write_or_give_up(stream: TextIO, text: str) -> TextIO | None:

@@ -9,6 +9,7 @@ hot path uses none of it for a warm call, except a worker's endpoint, asked once
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import threading
 import time
@@ -67,9 +68,16 @@ class ControlPlane:
         self.scheduler_lost_since: float | None = None
         self.scheduler_error: BaseException | None = None
         self.comms = None
+        self.load_requests = 0  # kaas_load requests this client sent (see bench control)
+        self.route_refreshes = 0  # routing-table reads from the scheduler
         # Call counts per worker name, summed over its incarnations (status and metrics).
         self.device_calls = CallTotals()
         self.service_calls = CallTotals()
+        # Calls waiting in route() for a worker to serve them, per target: demand that no
+        # worker can report (a pool scaled to zero, or all warming); autoscaling reads it.
+        self._waiting_lock = threading.Lock()
+        self._waiting: collections.Counter[str] = collections.Counter()
+        self._backlogs: dict[str, tuple[str, int]] = {}  # map id -> (target, calls' worth waiting)
 
     def start(self) -> None:
         self.comms = self.sync(self._start_comm_pool())
@@ -114,6 +122,7 @@ class ControlPlane:
     # -- the routing table, refreshed in the background from the scheduler --
 
     async def refresh_routes(self) -> None:
+        self.route_refreshes += 1
         try:
             identity = await asyncio.wait_for(self.client.scheduler.identity(), timeout=5)
         except Exception as e:
@@ -148,9 +157,13 @@ class ControlPlane:
             await self.free(pending_frees())
 
     async def refresh_load(self) -> None:
-        """Ask every ready worker how busy its services are (all clients' calls)."""
+        """Ask workers how busy their services are (all clients' calls): with
+        ``kaas.pool.load-poll: sample`` (the default) only those not heard from for
+        ``load-staleness`` seconds, at most ``load-sample`` a refresh (replies carry the
+        load of the workers this client calls); with ``all``, every ready worker."""
 
         async def ask(address: str):
+            self.load_requests += 1
             try:
                 load = await asyncio.wait_for(self.call(address, "kaas_load"), timeout=2)
             except Exception:
@@ -159,7 +172,12 @@ class ControlPlane:
                 self.router.note_load(address, load)
 
         addresses = [r.address for r in self.router.routes() if r.ready]
-        await asyncio.gather(*(ask(a) for a in addresses))
+        if kaas_config.get("pool.load-poll") == "all":
+            asked = addresses
+        else:
+            asked = self.router.stale_load(addresses, float(kaas_config.get("pool.load-staleness")),
+                                           int(kaas_config.get("pool.load-sample")))
+        await asyncio.gather(*(ask(a) for a in asked))
         self.router.keep_load_of(addresses)
 
     def refresh(self) -> None:
@@ -214,24 +232,49 @@ class ControlPlane:
         timeout = float(kaas_config.get("pool.warmup-timeout")) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         waited, told = False, ""
-        while True:
-            choice = router.choose(target, backend, fallback, worker)
-            if choice is not None:
-                return choice[0], choice[1], waited
-            routes = router.routes()
-            warming = [r for r in routes if not r.ready]
-            if routes and not warming or time.monotonic() > deadline:
-                raise router.unavailable(target, backend, fallback, worker)
-            if on_wait is not None:
-                why = _waiting_for(warming, target, backend)
-                if why != told:
-                    told = why
-                    on_wait(why)
-            waited = True
-            self.routes_updated.clear()
-            self.refresh()
-            if not router.choose(target, backend, fallback, worker):
-                time.sleep(0.05)
+        with self._waiting_lock:
+            self._waiting[target] += 1
+        try:
+            while True:
+                choice = router.choose(target, backend, fallback, worker)
+                if choice is not None:
+                    return choice[0], choice[1], waited
+                routes = router.routes()
+                warming = [r for r in routes if not r.ready]
+                if routes and not warming or time.monotonic() > deadline:
+                    raise router.unavailable(target, backend, fallback, worker)
+                if on_wait is not None:
+                    why = _waiting_for(warming, target, backend)
+                    if why != told:
+                        told = why
+                        on_wait(why)
+                waited = True
+                self.routes_updated.clear()
+                self.refresh()
+                if not router.choose(target, backend, fallback, worker):
+                    time.sleep(0.05)
+        finally:
+            with self._waiting_lock:
+                self._waiting[target] -= 1
+
+    def pending_demand(self) -> dict[str, int]:
+        """Calls waiting now for a worker to route to, per target (see route), and the
+        backlog maps report (see set_demand): what autoscaling grows the pool for."""
+        with self._waiting_lock:
+            demand = collections.Counter({t: n for t, n in self._waiting.items() if n > 0})
+            for target, n in self._backlogs.values():
+                demand[target] += n
+            return {t: n for t, n in demand.items() if n > 0}
+
+    def set_demand(self, source: str, target: str, calls: int) -> None:
+        """A map's backlog, in calls' worth of work not yet sent (its batches wait for a
+        free place rather than queue on workers, so workers alone would not show it);
+        0 when it ends."""
+        with self._waiting_lock:
+            if calls > 0:
+                self._backlogs[source] = (target, calls)
+            else:
+                self._backlogs.pop(source, None)
 
     def wait_ready(self, timeout: float = 180) -> None:
         """Block until every worker has finished warming up all its backends."""
@@ -341,9 +384,10 @@ class ControlPlane:
         except Exception:  # workers unreachable: their buffers are gone anyway
             pass
 
-    def cancel(self, address: str, call_id: str) -> None:
-        """Ask a worker to stop a call (the notebook was interrupted)."""
-        self.sync(self.call(address, "kaas_cancel", call_id=call_id, reason="interrupt"), timeout=2)
+    def cancel(self, address: str, call_id: str) -> bool:
+        """Ask a worker to stop a call (the notebook was interrupted, or its future was
+        cancelled): True when the worker had it, queued or running."""
+        return bool(self.sync(self.call(address, "kaas_cancel", call_id=call_id, reason="interrupt"), timeout=2))
 
 
 def with_calls_before(rows: list[dict], totals: CallTotals) -> list[dict]:

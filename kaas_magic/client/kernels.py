@@ -56,7 +56,7 @@ class KernelRegistry:
             self._control.wait_ready()
 
     def call(self, submit, name: str, args: tuple, kwargs: dict, *, target, backend, fallback, keep, timeout,
-             retries, t_start: float) -> Any:
+             retries, t_start: float, watch=None) -> Any:
         """Pool.call: bind the arguments to the kernel's signature and send the call
         (``submit``: the call path's)."""
         from ..kernelspec import bind  # not at import: kernelspec imports the backends
@@ -73,7 +73,7 @@ class KernelRegistry:
                 "filename": f"<kaas call {name}>"}
         result = submit(body, target, inputs, [CALL_RESULT], backend=spec.backend, fallback=True, worker=None,
                         stdout=io.StringIO(), stderr=None, keep=keep, progress=None, timeout=timeout,
-                        retries=retries, t_start=t_start)
+                        retries=retries, t_start=t_start, watch=watch)
         return result.outputs[CALL_RESULT]
 
     def register(self, operation, source: str, language: str, *, signature, name, target, fallback, line_offset):

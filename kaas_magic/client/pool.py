@@ -20,6 +20,7 @@ from ..record import RunRecord
 from ..targets import Service
 from . import cluster as _cluster
 from .calls import CallPath, CellInputs, RunResult, _transfer_limits
+from .futures import Background, KaasFuture
 from .control import ControlPlane
 from .kept import KeptData
 from .kernels import KernelRegistry
@@ -27,6 +28,12 @@ from .router import Router, WorkerRoute
 
 if TYPE_CHECKING:
     from ..pool_status import KernelTable, PoolStatus
+    from .fanout import MapIterator
+
+
+# Pool.run's options, as CallPath.run takes them (a call in the background passes them on).
+_RUN_DEFAULTS = dict(backend=None, fallback=None, worker=None, stdout=None, stderr=None, keep=False, progress=None,
+                     timeout=None, retries=0, value=True)
 
 
 class Pool:
@@ -50,6 +57,7 @@ class Pool:
         self._kept = KeptData(self, self._control)
         self._registry = KernelRegistry(self._control)
         self._calls = CallPath(self._control, self._links, self._kept, self.client_id, embedded=cluster is not None)
+        self._background = Background(lambda record: self._control.cancel(record.worker, record.call_id))
         max_value, max_message = _transfer_limits()
         fastlink.set_limits(max_value + 2**20, max_message + 2**24)
         self._closed = False
@@ -127,7 +135,8 @@ class Pool:
         retries: int = 0,
         value: bool = True,
         started: float | None = None,
-    ) -> RunResult:
+        block: bool = True,
+    ) -> "RunResult | KaasFuture":
         """Run ``code`` on a warm worker serving ``target``.
 
         Inside ``code``, ``kernels.NAME(...)`` calls a library kernel or one registered by
@@ -159,13 +168,21 @@ class Pool:
         ``time.perf_counter()`` at which the caller began waiting for this call (the module
         functions pass the moment before they started the pool, so that a first call's
         record counts the pool's start as its startup phase).
+
+        ``block=False`` returns at once with a :class:`~kaas_magic.client.futures.KaasFuture`
+        whose ``result()`` is what this call would return (or raises its error), whose
+        ``record`` is the call's record, and whose ``cancel()`` stops the remote call.
         """
         t_start = time.perf_counter() if started is None else started
         self._check_usable()
-        return self._calls.run(code, target, inputs, outputs, filename, line_offset, self._registry.registered,
-                               t_start, backend=backend, fallback=fallback, worker=worker, stdout=stdout,
-                               stderr=stderr, keep=keep, progress=progress, timeout=timeout, retries=retries,
-                               value=value)
+
+        def call(watch=None) -> RunResult:
+            return self._calls.run(code, target, inputs, outputs, filename, line_offset, self._registry.registered,
+                                   t_start, backend=backend, fallback=fallback, worker=worker, stdout=stdout,
+                                   stderr=stderr, keep=keep, progress=progress, timeout=timeout, retries=retries,
+                                   value=value, watch=watch)
+
+        return call() if block else self._background.submit(call)
 
     def run_cell(
         self,
@@ -184,11 +201,24 @@ class Pool:
         names the backend injects (``xp``, ``device`` ...) and those in ``exclude``.
         """
         started = options.pop("started", None)
+        block = options.pop("block", True)
         t_start = time.perf_counter() if started is None else started
+        # The variables as they are now (a call in the background reads them later).
         chosen = CellInputs(code, namespace, inputs, exclude, options.get("filename"), options.get("line_offset", 0))
-        result = self.run(code, target, inputs=chosen, outputs=outputs, started=t_start, **options)
-        namespace.update(result.outputs)
-        return result
+        if block:
+            result = self.run(code, target, inputs=chosen, outputs=outputs, started=t_start, **options)
+            namespace.update(result.outputs)
+            return result
+        self._check_usable()
+
+        def call(watch=None) -> RunResult:  # its outputs assigned when it finishes
+            result = self._calls.run(code, target, chosen, outputs, options.pop("filename", None),
+                                     options.pop("line_offset", 0), self._registry.registered, t_start,
+                                     watch=watch, **{**_RUN_DEFAULTS, **options})
+            namespace.update(result.outputs)
+            return result
+
+        return self._background.submit(call)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -265,16 +295,44 @@ class Pool:
 
     def call(self, name: str, *args, target: str | None = None, backend: str | None = None,
              fallback: bool | None = None, keep: bool = False, timeout: float | None = None,
-             retries: int = 0, started: float | None = None, **kwargs) -> Any:
+             retries: int = 0, started: float | None = None, block: bool = True, **kwargs) -> Any:
         """Run kernel ``name`` with ``args`` on the best device that can, and return its
         result as host values (``keep=True``: as handles to device buffers). Arguments are
         checked against the signature before launch; handles among them are used in place.
-        ``retries`` and ``started`` as for :meth:`run`."""
+        ``retries``, ``started`` and ``block`` as for :meth:`run`."""
         t_start = time.perf_counter() if started is None else started
         self._check_usable()
-        return self._registry.call(self._calls.submit, name, args, kwargs, target=target, backend=backend,
-                                   fallback=fallback, keep=keep, timeout=timeout, retries=retries,
-                                   t_start=t_start)
+
+        def call(watch=None) -> Any:
+            return self._registry.call(self._calls.submit, name, args, kwargs, target=target, backend=backend,
+                                       fallback=fallback, keep=keep, timeout=timeout, retries=retries,
+                                       t_start=t_start, watch=watch)
+
+        return call() if block else self._background.submit(call)
+
+    def map(self, fn_or_code: str, iterable, *, ordered: bool = True, return_exceptions: bool = False,
+            batch_size: int | None = None, max_in_flight: int | None = None, progress: bool | None = None,
+            target: str | None = None, backend: str | None = None, fallback: bool | None = None,
+            timeout: float | None = None, **call_options) -> "MapIterator":
+        """Many small calls at once, like ``Executor.map``: kernel ``fn_or_code`` once per
+        element of ``iterable`` (a tuple of positional arguments, a dict of keyword
+        arguments, or one argument), or code ``fn_or_code`` once per dict of inputs (its
+        result: the value of its final expression, else a dict of the names it assigns).
+
+        Returns an iterator over the results, lazily: in order, or as they complete with
+        ``ordered=False``; its ``stats`` sum the map up. Items travel in batches, one message
+        per batch run as one call on the worker, spread over every device that can serve
+        them by load. At most ``max_in_flight`` items (kaas.map.max-in-flight) are taken
+        from ``iterable`` and not yet handed back. The first error raises (with
+        ``kaas_index``, the item's index) after cancelling the rest; with
+        ``return_exceptions=True`` errors come back in place. ``timeout`` is per item;
+        ``retries``, ``worker`` as for :meth:`call`. ``progress``: a bar (default: in a
+        Jupyter kernel) or a line on stderr."""
+        from .fanout import start_map
+
+        return start_map(self, fn_or_code, iterable, ordered=ordered, return_exceptions=return_exceptions,
+                         batch_size=batch_size, max_in_flight=max_in_flight, progress=progress, target=target,
+                         backend=backend, fallback=fallback, timeout=timeout, **call_options)
 
     def register(self, source: str, language: str, *, signature: str | None = None,
                  name: str | None = None, target: str | None = None, fallback: bool | None = None,
@@ -303,6 +361,42 @@ class Pool:
         Workers that do not answer within a second are left out."""
         return self._control.metrics()
 
+    # -- autoscaling (see client.adapt) --
+
+    def adapt(self, minimum: int = 1, maximum: int | None = None, *, cluster=None, **policy):
+        """Grow and shrink the pool with kaas's load (Dask sees no tasks: calls bypass its
+        scheduler): workers are added after ``scale_up_after`` seconds of queued calls and
+        removed after ``idle_after`` seconds idle (never one with a call in flight or kept
+        buffers), between ``minimum`` (0 allowed: a call then waits for a warm worker, and
+        is recorded as cold) and ``maximum`` (None: no limit). ``policy``: ``interval``,
+        ``scale_up_after``, ``idle_after``, ``target_occupancy``, ``settle`` (default
+        ``kaas.adapt.*``). Works on a pool kaas started, or with ``cluster=`` the cluster
+        manager (dask-jobqueue, dask-kubernetes, Gateway...) running a connected pool's
+        workers. Returns the :class:`~kaas_magic.client.adapt.KaasAdaptive` (``.stop()``,
+        ``.events``); calling again replaces it."""
+        from .adapt import start_adaptive
+
+        self._check_usable()
+        adaptive = start_adaptive(self, minimum, maximum, cluster=cluster, **policy)
+        self._adaptive = adaptive
+        return adaptive
+
+    def adapt_stop(self) -> None:
+        """Stop autoscaling; the pool keeps the workers it has."""
+        adaptive = getattr(self, "_adaptive", None)
+        if adaptive is not None:
+            adaptive.stop(reason="stopped by the user")
+
+    def adapt_log(self) -> list[str]:
+        """Autoscaling's scale-ups and scale-downs, each with its reason (oldest first)."""
+        adaptive = getattr(self, "_adaptive", None)
+        return adaptive.log_lines() if adaptive is not None else []
+
+    def adapt_reason(self) -> str:
+        """The latest autoscaling decision's reason ("" when none): the monitor shows it."""
+        adaptive = getattr(self, "_adaptive", None)
+        return adaptive.latest_reason() if adaptive is not None else ""
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -315,6 +409,8 @@ class Pool:
         if self._closed:
             return
         self._refresher.cancel()
+        self.adapt_stop()
+        self._background.close()
         if self.cluster is None:  # our kept buffers on shared workers go with us
             self._control.free_everything()
         self._closed = True

@@ -11,6 +11,7 @@ default backend before others; then the least loaded device.
 from __future__ import annotations
 
 import collections
+import math
 import random
 import threading
 import time
@@ -47,23 +48,56 @@ class Router:
         # Calls running or queued per worker and service, as the workers last said (all
         # clients' calls), and how many of ours were in flight then: for least-loaded routing.
         self.load: dict[str, tuple[dict[str, int], int]] = {}
+        self.load_heard: dict[str, float] = {}  # address -> monotonic time its load was last heard
         # Calls this client has in flight per worker; kept apart from the routing table,
         # which the background refresh replaces wholesale.
         self.in_flight: collections.Counter[str] = collections.Counter()
         self._candidate_cache: tuple[dict | None, dict] = (None, {})  # see candidates
         # Which spec and target each kernel call uses, for the current routing table.
         self._kernel_cache: tuple[dict | None, dict] = (None, {})
+        # Workers being retired by autoscaling (see client.adapt): routed to no more, and
+        # when each worker was last chosen (calls chosen before the mark may still be on
+        # their way there).
+        self.retiring: set[str] = set()
+        self.last_chosen: dict[str, float] = {}
 
     # -- the view --
 
     def set_table(self, routes: dict[str, WorkerRoute]) -> None:
         with self._lock:
             self.table = routes
+            self.retiring &= set(routes)  # retired: gone from the table
 
     def routes(self) -> list[WorkerRoute]:
         """The workers in the table, less those seen dying."""
         with self._lock:
-            return [r for a, r in self.table.items() if (a, r.incarnation) not in self.dead]
+            return [r for a, r in self.table.items() if (a, r.incarnation) not in self.dead and a not in self.retiring]
+
+    # -- workers retiring (autoscaling: see client.adapt) --
+
+    def mark_retiring(self, address: str) -> None:
+        """Route nothing more to ``address``: it is about to retire."""
+        with self._lock:
+            self.retiring.add(address)
+            self._kernel_cache = (None, {})
+            self._candidate_cache = (None, {})
+
+    def unmark_retiring(self, address: str) -> None:
+        """It stays after all: route to it again."""
+        with self._lock:
+            self.retiring.discard(address)
+            self._kernel_cache = (None, {})
+            self._candidate_cache = (None, {})
+
+    def route_named(self, name: str) -> WorkerRoute | None:
+        """The listed worker called ``name`` (or at that address), retiring or not."""
+        with self._lock:
+            return next((r for a, r in self.table.items() if name in (r.name, a)
+                         and (a, r.incarnation) not in self.dead), None)
+
+    def chosen_within(self, address: str, seconds: float) -> bool:
+        """Whether a call chose ``address`` in the last ``seconds``."""
+        return time.monotonic() - self.last_chosen.get(address, -math.inf) < seconds
 
     def forget(self, address: str) -> None:
         """A worker died (or is being replaced): route nothing more to it. The scheduler may
@@ -78,13 +112,27 @@ class Router:
                 del self.dead[gone]
 
     def note_load(self, address: str, load: dict[str, int]) -> None:
-        """What worker ``address`` just said its services are running or queueing."""
+        """What worker ``address`` just said its services are running or queueing (in a
+        reply, or asked)."""
         self.load[address] = (load, self.in_flight[address])
+        self.load_heard[address] = time.monotonic()
 
     def keep_load_of(self, addresses) -> None:
-        """Forget the load of workers no longer asked."""
+        """Forget the load of workers no longer listed."""
         for gone in set(self.load) - set(addresses):
             self.load.pop(gone, None)
+            self.load_heard.pop(gone, None)
+
+    def stale_load(self, addresses, older_than: float, at_most: int) -> list[str]:
+        """Up to ``at_most`` of ``addresses`` whose load was last heard longer ago than
+        ``older_than`` seconds (never heard first, then the stalest; ties at random): the
+        workers worth asking. A client calling a worker hears its load in every reply, so
+        a busy client asks (almost) nobody, and an idle one a few workers a second however
+        large the pool: control messages grow with clients, not clients x workers."""
+        now = time.monotonic()
+        stale = [(self.load_heard.get(a, -math.inf), random.random(), a) for a in addresses
+                 if now - self.load_heard.get(a, -math.inf) > older_than]
+        return [a for _, _, a in sorted(stale)[:at_most]]
 
     def busy(self, address: str, service: Service) -> float:
         """Calls running or queued on that worker's service: the last report from the
@@ -144,6 +192,7 @@ class Router:
             )
 
         route, service, _ = min(found, key=rank) if len(found) > 1 else found[0]
+        self.last_chosen[route.address] = time.monotonic()
         return route, service
 
     def served(self) -> list[str]:

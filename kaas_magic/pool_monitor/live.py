@@ -37,6 +37,14 @@ class MetricsSource(Protocol):
     def metrics(self) -> list[dict]: ...
 
 
+def _adapt_reason(pool: MetricsSource) -> str:
+    """The latest autoscaling decision of the pool, if it adapts (see client.adapt)."""
+    try:
+        return str(getattr(pool, "adapt_reason", lambda: "")() or "")
+    except Exception:  # noqa: BLE001 - the monitor shows what it can
+        return ""
+
+
 def _pool_closed(pool: MetricsSource) -> bool:
     return bool(getattr(pool, "closed", False)) or pool.client.status in ("closing", "closed")
 
@@ -119,7 +127,7 @@ class Monitor:
     def render(self, note: str = "", now: float | None = None, live: bool = False) -> str:
         stale_after = max(5.0, 3 * self.interval) if live else None
         return render_monitor(self.metrics, list(self.roster.events), now or time.time(), note, self.compact, stale_after,
-                              self.history, list(self.roster.marks))
+                              self.history, list(self.roster.marks), policy=_adapt_reason(self.pool))
 
     def _run(self) -> None:
         while not self._stopping.is_set():

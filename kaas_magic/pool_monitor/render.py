@@ -236,7 +236,7 @@ _STALE_CSS = "<style>@keyframes kaas-stale{to{max-height:10em}}@keyframes kaas-d
 
 def render_monitor(metrics: list[dict], events: list[str], now: float, note: str = "", compact: bool = False,
                    stale_after: float | None = None, history: History | None = None,
-                   marks: Iterable[tuple[float, str, str]] = ()) -> str:
+                   marks: Iterable[tuple[float, str, str]] = (), policy: str = "") -> str:
     """The whole monitor as HTML (inline styles, plain classes; see widgets.render_html):
     a table under a cell, or narrow cards (``compact``) in a side panel. A live view passes
     ``stale_after``: seconds without a redraw after which it reads as no longer updating."""
@@ -256,6 +256,7 @@ def render_monitor(metrics: list[dict], events: list[str], now: float, note: str
         f" &middot; updated {time.strftime('%H:%M:%S', time.localtime(now))}"
         + (f" &middot; <span class='kaas-note' style='color:{WARN}'>{html.escape(note)}</span>" if note else "")
         + f"</div>{loads}"
+        + (f"<div class='kaas-policy' style='{GREY}'>autoscaling: {html.escape(policy)}</div>" if policy else "")
     )
     body = head + (render_cards(devices, history, marks, now) if compact else render_table(devices, history, marks, now))
     if devices:

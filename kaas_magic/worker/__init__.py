@@ -54,6 +54,8 @@ def install(worker, config: dict | None = None) -> WorkerRuntime:
     worker.handlers["kaas_free"] = runtime.handle_free
     worker.handlers["kaas_cancel"] = runtime.stops.handle_cancel
     worker.handlers["kaas_endpoint"] = runtime.handle_endpoint
+    worker.handlers["kaas_adapt_load"] = runtime.retirement.handle_load  # autoscaling (see retire)
+    worker.handlers["kaas_retire"] = runtime.retirement.handle_retire
     return runtime
 
 

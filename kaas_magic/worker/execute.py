@@ -33,6 +33,7 @@ from ..handles import HandleRef, is_array
 from ..isolation import report_state
 from ..protocol import CallRequest, ErrorInfo, Reply, Timings
 from ..stopping import RunningCall, StopCall, stop_error
+from . import display as _display
 from .kernel_library import KernelLibrary
 from .kernel_namespace import KernelNamespace
 
@@ -74,6 +75,7 @@ class Executor:
                     self._run(session, msg, call, kernels, namespace, module, code)
                 finally:
                     call.leave_user_code()
+                    _display.end_call(render=call.reason is None)  # the figures it left open: shown, closed
                     t2 = time.perf_counter()
                     timings["execute"] = t2 - t1
                 self._collect(session, msg, namespace, client, outputs, skipped, kept)
@@ -101,6 +103,8 @@ class Executor:
             namespace.update(session.namespace())
             namespace["kernels"] = kernels
             namespace["to_device"] = session.to_device
+            _display.install()  # display(), IPython.display, matplotlib figures (see worker.display)
+            namespace.update(_display.names())
         else:  # an operation of kaas's own: its inputs by name, nothing else
             namespace = {}
         for name, packed in msg["inputs"].items():
@@ -250,6 +254,102 @@ class Executor:
                 value = other.to_host(value)
         return value
 
+    # -- many small calls as one (Pool.map) --
+
+    def execute_batch(self, session: Session, msg: CallRequest, output: CallStream, call: RunningCall) -> Reply:
+        """A "batch" (Pool.map): its items, each one small call, run in turn as ONE call
+        (one device turn, one timeout, one isolation scope). What every item shares is done
+        once: the scope, the device's activation, ``kernels``, the code's compile and its
+        base namespace. Per item only: unpack its inputs, run it, bring the result home and
+        pack it. An item's exception is that item's error and the loop goes on; a stop
+        (interrupt, cancel, timeout) ends the batch, the items left reported as not run."""
+        t0 = time.perf_counter()
+        timings: Timings = {"warm_wait": 0.0, "queue": 0.0, "setup": 0.0, "execute": 0.0, "to_host": 0.0}
+        items = msg.get("items") or []
+        results: list[protocol.BatchItem] = []
+        error = None
+        kernels = None
+        client = msg.get("client", "")
+        kernel = msg.get("kernel")
+        t1 = None
+        scope = isolation.call_scope(output.write, False).enter()
+        try:
+            if call.reason is not None:  # cancelled while it waited for its turn
+                raise StopCall()
+            with session.activate():
+                kernels = KernelNamespace(self.library, session, msg.get("kernels") or (), self.worker)
+                run_item = (_batch_kernel(kernels, kernel) if kernel is not None
+                            else self._batch_code(session, msg, kernels))
+                t1 = time.perf_counter()
+                timings["setup"] = t1 - t0
+                try:
+                    self._run_batch(session, msg, call, client, items, run_item, results)
+                finally:
+                    _display.end_call(render=call.reason is None)  # figures left open: shown, closed
+        except BaseException as e:  # a stop, or a failure of what the items share
+            error = self._error(e, session, msg, call)
+        finally:
+            scope.exit()
+            t2 = time.perf_counter()
+            if t1 is None:
+                timings["setup"] = t2 - t0
+            else:
+                timings["execute"] = t2 - t1
+        if error is None and call.reason is not None and len(results) < len(items):
+            error = self._error(StopCall(), session, msg, call)
+        results.extend({"ok": False, "not_run": True} for _ in range(len(items) - len(results)))
+        return protocol.reply(error, timings, {protocol.BATCH_RESULTS: results}, kernels=kernels.states if kernels else {})
+
+    def _batch_code(self, session: Session, msg: CallRequest, kernels: KernelNamespace):
+        """A code batch's item runner: the code compiled once (its final expression's value
+        kept), each item run in a fresh copy of one base namespace. Its result: that value,
+        else the names it assigned (``outputs``) that it did assign."""
+        code = self._compile(msg["code"], msg["filename"], msg.get("line_offset", 0), True)
+        base = dict(session.namespace())
+        base.update(__builtins__=builtins, __name__="__kaas_map__", kernels=kernels, to_device=session.to_device)
+        _display.install()  # as in a cell: display() and figures reach the caller
+        base.update(_display.names())
+        names = list(msg.get("outputs") or ())
+        value_name = protocol.CELL_VALUE
+
+        def run_item(inputs: dict) -> Any:
+            namespace = base.copy()
+            namespace.update(inputs)
+            exec(code, namespace)
+            if value_name in namespace:
+                return namespace[value_name]
+            return {n: namespace[n] for n in names if n in namespace}
+
+        return run_item
+
+    def _run_batch(self, session: Session, msg: CallRequest, call: RunningCall, client: str, items: list,
+                   run_item, results: list) -> None:
+        """The items in turn, each result packed into ``results`` (see execute_batch)."""
+        sent = 0
+        resolve, unpack, to_host, dumps, nbytes = (self._resolve_handles, self._unpack, self.to_host, serial.dumps,
+                                                   serial.nbytes)
+        for packed_inputs in items:
+            if call.reason is not None:
+                return
+            try:
+                inputs = {name: resolve(unpack(name, p), client, session) for name, p in packed_inputs.items()}
+                call.enter_user_code()
+                try:
+                    (value,) = session.download([run_item(inputs)])
+                finally:
+                    call.leave_user_code()
+                packed = dumps(to_host(value, session))
+                size = nbytes(packed)
+                if size > self.max_value_bytes or sent + size > self.max_message_bytes:
+                    raise KaasError(f"the item's result is {size:,} bytes: over the transfer limits "
+                                    f"(kaas.transfer.max-bytes, max-message-bytes); it was not sent")
+                sent += size
+                results.append({"ok": True, "value": packed})
+            except StopCall:
+                raise
+            except Exception as e:  # this item's error; the batch goes on
+                results.append({"ok": False, "error": self._error(e, session, msg, call)})
+
 
 def failed_reply(exc: BaseException, execute: float = 0.0, worker_exiting: bool = False) -> Reply:
     """The reply of a call that ended before or instead of running its code."""
@@ -283,7 +383,13 @@ def _compile_kernel(session: Session, msg: CallRequest, kernels: KernelNamespace
 
 
 _OPERATIONS = {"call": _call, "put": _put, "fetch": _fetch, "compile": _compile_kernel}
-assert set(_OPERATIONS) | {"run"} == protocol.OPS
+assert set(_OPERATIONS) | {"run", "batch"} == protocol.OPS
+
+
+def _batch_kernel(kernels: KernelNamespace, name: str):
+    """A kernel batch's item runner: kernel ``name`` with the item's arguments."""
+    invoke = kernels._invoke
+    return lambda inputs: invoke(name, inputs)
 
 
 def _output_names(msg: CallRequest, namespace: dict) -> list[str]:

@@ -32,6 +32,7 @@ from ..targets import KIND_ORDER, READY_RESOURCE
 from . import link
 from .execute import Executor, failed_reply
 from .kernel_library import KernelLibrary
+from .retire import Retirement
 from .stops import CallStops
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,12 @@ class WorkerRuntime:
         self.in_flight = 0
         self.calls = collections.Counter()  # per service resource
         self.errors = 0
+        self.load_requests = 0  # kaas_load asked of this worker (the control plane's cost; see bench control)
         self._closing = threading.Event()
         # A crash inside a native kernel should leave a trace in the worker's log.
         faulthandler.enable(file=sys.__stderr__)
         isolation.install()  # routes print output by call; each call's own view of process state
+        self.retirement = Retirement(self)  # autoscaling's view of this worker (see retire)
         self.endpoint, self._server = link.start(worker, self.handle_call, self.host, self._link_path())
         threading.Thread(target=self._warm_up_all, name="kaas-warm-up", daemon=True).start()
 
@@ -144,11 +147,24 @@ class WorkerRuntime:
     # -- the hot path: runs in the thread serving the caller's link (see fastlink) --
 
     def handle_call(self, replier, **fields: Any) -> Reply | None:
+        """One call (see _run_call), counted for autoscaling; refused unrun once this
+        worker is retiring (see retire)."""
+        if not self.retirement.enter():
+            replier.call_id = fields.get("call_id")
+            return self._addressed(failed_reply(self.retirement.refusal()), "", time.time())
+        try:
+            return self._run_call(replier, **fields)
+        finally:
+            self.retirement.leave()
+
+    def _run_call(self, replier, **fields: Any) -> Reply | None:
         received_at = time.time()
         msg = cast(CallRequest, fields)  # typed, not validated: what matters is checked as it is used
         replier.call_id = msg.get("call_id")  # stamped on every reply (see fastlink.Replier)
         try:  # checked here too: a request need not come from kaas's client
             timeout = self._call_timeout(msg)
+            if msg.get("op") == "batch":
+                timeout = self._batch_timeout(msg, timeout)
         except KaasUsageError as e:
             return self._addressed(failed_reply(e), "", received_at)
         if msg.get("free"):  # buffers the client dropped since its last call here
@@ -172,7 +188,8 @@ class WorkerRuntime:
                 with slot.turn(give_up=lambda: call.reason is not None) as waited:
                     stream = CallStream(replier)
                     stops.started(call, slot, stream, replier)
-                    reply = self.executor.execute(session, msg, stream, call)
+                    run = self.executor.execute_batch if msg.get("op") == "batch" else self.executor.execute
+                    reply = run(session, msg, stream, call)
                     stream.finish()
             except LeftQueue:
                 waited = time.perf_counter() - queued_at
@@ -208,10 +225,22 @@ class WorkerRuntime:
                                  f"not {line_offset!r}")
         return timeout
 
+    def _batch_timeout(self, msg: CallRequest, timeout: float) -> float:
+        """A batch (Pool.map) is one call under one timeout, so the watchdog and the
+        supervisor bound it as any call: the client sends the per-item timeout times its
+        items (at most kaas.limits.max-timeout; the client's own wait for the reply uses the
+        same figure). Its items are checked to be a list of inputs by name."""
+        items = msg.get("items")
+        if type(items) is not list or not all(type(i) is dict for i in items):
+            raise KaasUsageError("a batch's items must be a list of inputs by name; nothing was run")
+        if msg.get("kernel") is None and type(msg.get("code")) is not str:
+            raise KaasUsageError("a batch names a kernel or carries code; this one neither; nothing was run")
+        return timeout
+
     def _addressed(self, reply: Reply, device: str, received_at: float) -> Reply:
         """Who answered and when, on a reply as protocol.reply built it."""
         reply.update(worker=self.worker.address, host=self.host, device=device, received_at=received_at,
-                     replied_at=time.time())
+                     replied_at=time.time(), load=self.load())
         return reply
 
     def slot(self, session: Session) -> DeviceSlot:
@@ -250,9 +279,13 @@ class WorkerRuntime:
         return self.info()
 
     async def handle_load(self) -> dict[str, int]:
-        """Calls running or queued per service: what clients balance on. Kept tiny, as
-        every client asks every worker about once a second."""
-        return {resource: self.slot(session).load() for resource, session in self.sessions.items()}
+        """Calls running or queued per service: what clients balance on (asked only of
+        workers a client has not heard from lately; replies carry it too)."""
+        self.load_requests += 1
+        return self.load()
+
+    def load(self) -> dict[str, int]:
+        return {resource: self.slot(session).load() for resource, session in list(self.sessions.items())}
 
     async def handle_metrics(self) -> list[MetricsRow]:
         return self.metrics()
@@ -269,6 +302,7 @@ class WorkerRuntime:
             "concurrency": self.concurrency,
             "in_flight": self.in_flight,
             "errors": self.errors,
+            "load_requests": self.load_requests,
             "kernels": self.kernels.info(),
             "services": [
                 {
