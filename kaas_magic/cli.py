@@ -54,6 +54,8 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.fanout import main
     elif args.which == "control":
         from .bench.control import main
+    elif args.which == "cells":
+        from .bench.cells import main
     elif args.which == "load":
         from .bench.load import main
 
@@ -86,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured in one run")
-    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load", "fanout", "control"],
+    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load", "fanout", "control", "cells"],
                        help="overhead: per-call cost against Dask, ipyparallel and a Pipe; "
                             "kernels: warm kernel calls and a kept-data chain against in-process calls; "
                             "paper: the seed paper's completion-time table, naive fresh processes vs the warm pool; "
                             "load: concurrent notebook clients on mixed targets, then a memory soak; "
                             "fanout: many tiny tasks through kaas.map vs a serial call loop, Dask client.map and Ray; "
-                            "control: control-plane messages and routing quality against workers and clients")
+                            "control: control-plane messages and routing quality against workers and clients; "
+                            "cells: a cell's cost in a real Jupyter kernel, plain vs %%%%kaas --quiet vs with its run view")
     bench.add_argument("--calls", type=int, default=300, help="calls per measurement")
     bench.add_argument("--no-ipyparallel", action="store_true", help="skip ipyparallel even if installed")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     fanout = bench.add_argument_group("fanout")
     fanout.add_argument("--tasks", type=int, default=2000, help="tiny tasks per path (default 2000)")
     fanout.add_argument("--slow-tasks", type=int, default=400, help="tasks of 5 ms per path (default 400)")
+    cells = bench.add_argument_group("cells")
+    cells.add_argument("--cells", type=int, default=40, help="cells of each kind (default 40)")
     control = bench.add_argument_group("control")
     control.add_argument("--workers-list", default="4,16,32", help="pool sizes to run (default 4,16,32)")
     control.add_argument("--clients-list", default="2,8", help="numbers of clients to run (default 2,8)")

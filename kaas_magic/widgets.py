@@ -1,27 +1,24 @@
 """The run view under a ``%%kaas`` cell: where the cell ran and where its time went.
 
-While the cell runs, the view is an ipywidgets ``HTML`` widget whose value the run's
-progress callback replaces as the call moves through its states. When the call ends the
-displayed output is swapped (``update_display``) for a static HTML copy of the final view
-and the widget is closed. So the record left in the notebook needs no widget state: it
-renders in classic Notebook, VS Code, nbconvert and GitHub, shows no "model not found"
-after a kernel restart, and a long notebook does not accumulate one live widget per cell.
+The view is one display output (``display(..., display_id=True)``). While the call runs, the
+run's progress callback and a shared ticker replace its HTML by id (``update_display_data``,
+through a :class:`DisplaySurface`); when the call ends it is replaced by the final record. No
+widget: the record left in the notebook is plain HTML that renders in classic Notebook, VS
+Code, nbconvert and GitHub, shows no "model not found" after a kernel restart, and each cell
+costs the kernel no comm of its own. A call that ends within ``SHOW_AFTER_SECONDS`` sends its
+final record only (two messages for the cell: the display, and its final update).
 
 While the call is not final the view counts the seconds since the cell started (like
 tqdm), so a slow start or a long cell looks alive. One shared daemon thread re-renders all
 live views (see ``_Ticker``); a view that ends within ``TICK_AFTER_SECONDS`` is never ticked.
 
-Printed output never goes through the widget (ipywidgets' ``Output`` capture misroutes
-prints made from threads): the view is displayed once, and the cell's stdout follows it in
-the cell's own output area.
+Printed output never goes through the view: the view is displayed once, and the cell's
+stdout follows it in the cell's own output area.
 
 Colours of text and tracks are JupyterLab's CSS variables (``--jp-*``) with light-theme
 fallbacks, so the view is readable in the dark theme too; badges are white on saturated
 colours, readable in both.
-
-ipywidgets is imported only when a view is made, so ``%load_ext kaas_magic`` stays cheap.
 """
-
 from __future__ import annotations
 
 import html
@@ -67,6 +64,10 @@ ERROR_TEXT = "var(--jp-error-color1, #b91c1c)"
 # TICK_AFTER_SECONDS (most cells end sooner; ticking them would only be comm traffic).
 TICK_SECONDS = 0.5
 TICK_AFTER_SECONDS = 0.3
+# A state reported before this is not sent: the ticker shows the state of a call still
+# running then, and a call that ends sooner sends its final record only (each message costs
+# the notebook's kernel time on every cell).
+SHOW_AFTER_SECONDS = 0.3
 
 
 def format_duration(seconds: float) -> str:
@@ -299,7 +300,7 @@ class RunView:
             if state in FINAL_STATES:
                 self._handle.update(display_data(state, record, note), raw=True)
                 self._widget.close()
-            else:
+            elif self.elapsed() >= SHOW_AFTER_SECONDS:
                 self._show(render_html(state, record, note, self.elapsed()))
         if state in FINAL_STATES:
             _ticker.remove(self)
@@ -397,25 +398,42 @@ def _frontend_shows_widgets() -> bool:
 
 def inline_view(end_with_cell: bool = True) -> RunView | None:
     """Display a run view in the current cell and return it, or None when the setting
-    ``kaas.widgets.inline`` is off, ipywidgets is missing or no frontend can show it.
+    ``kaas.widgets.inline`` is off or no frontend can show it (a terminal IPython).
     ``end_with_cell=False`` for a call that outlives its cell (``%%kaas --background``):
     the call ends the view itself."""
     from . import config
 
     if not config.get("widgets.inline") or not _frontend_shows_widgets():
         return None
-    try:
-        import ipywidgets
-    except ImportError:
-        return None
     from IPython import get_ipython
     from IPython.display import display
 
-    widget = ipywidgets.HTML(value=render_html("queued", None))
-    view = RunView(widget, display(display_data("queued", None, widget=widget), raw=True, display_id=True))
+    handle = display(display_data("queued", None), raw=True, display_id=True)
+    view = RunView(DisplaySurface(handle), handle)
     if end_with_cell:
         _finish_with_cell(view, get_ipython())
     return view
+
+
+class DisplaySurface:
+    """Where a live view's HTML goes: its display, updated by id (``update_display_data``).
+    No widget: a widget costs the kernel a comm of its own and a message per change on every
+    cell, and a display update reaches the right output from any thread, as the frontend
+    finds it by its id."""
+
+    def __init__(self, handle: DisplayHandle):
+        self._handle = handle
+
+    @property
+    def value(self) -> str:
+        return ""
+
+    @value.setter
+    def value(self, html_: str) -> None:
+        self._handle.update({"text/html": html_, "text/plain": "kaas (running)"}, raw=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _finish_with_cell(view: RunView, shell) -> None:

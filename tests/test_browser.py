@@ -67,8 +67,8 @@ CELLS = [
     "    time.sleep(0.1)",
     "%%kaas cpu\n"
     "import time\n"
-    "time.sleep(3)  # the run view counts the seconds meanwhile\n"
-    "slept = 3",
+    "time.sleep(6)  # the run view counts the seconds meanwhile\n"
+    "slept = 6",
     "%%kaas cpu --background\n"
     "import time\n"
     "print('background started', flush=True)\n"
@@ -272,7 +272,7 @@ def test_run_view_counts_elapsed_seconds_while_the_cell_runs(page, theme):
     expect(elapsed).to_be_visible(timeout=5000)
     first = elapsed.inner_text()
     expect(elapsed).not_to_have_text(first, timeout=5000)  # it moves on while the cell sleeps
-    expect(view).to_have_class(re.compile(r"\bkaas-state-done\b"))
+    expect(view).to_have_class(re.compile(r"\bkaas-state-done\b"), timeout=30_000)
 
 
 def test_monitor_occupancy_rises_during_a_long_cell_and_drops_after(page, theme):
@@ -355,7 +355,7 @@ def test_panel_opens_in_the_right_side_area(page, theme):
     expect(docked.locator(".kaas-in-flight")).to_have_text(re.compile(r"^[1-9]\d*/\d+$"))
     time.sleep(1.5)
     page.screenshot(path=shot("panel", theme))
-    expect(cell(page, SLEEPS).locator(".kaas-run")).to_have_class(re.compile(r"\bkaas-state-done\b"))
+    expect(cell(page, SLEEPS).locator(".kaas-run")).to_have_class(re.compile(r"\bkaas-state-done\b"), timeout=30_000)
 
 
 def test_interrupted_cell_leaves_a_cancelled_view(page):

@@ -52,6 +52,12 @@ from kaas_magic.widgets import (
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
+@pytest.fixture(autouse=True)
+def every_state_shown(monkeypatch):
+    """The tests below follow every state; SHOW_AFTER_SECONDS has tests of its own."""
+    monkeypatch.setattr(widgets, "SHOW_AFTER_SECONDS", 0.0)
+
+
 class FakeWidget:
     """Records what the view writes; wakes waiters on every write."""
 
@@ -521,7 +527,8 @@ def shown(monkeypatch):
 def test_inline_view_is_displayed_live_and_ended_by_its_cell(shown):
     shell, calls = shown
     view = inline_view()
-    assert WIDGET_MIME in calls[0] and "kaas-state-queued" in calls[0]["text/html"]
+    # A display updated by id, no widget: no comm, and nothing left that needs a model.
+    assert WIDGET_MIME not in calls[0] and "kaas-state-queued" in calls[0]["text/html"]
     shell.end_cell(LookupError("failed before routing"))
     assert view.state == "error" and "LookupError" in calls[-1]["text/html"] and WIDGET_MIME not in calls[-1]
     assert shell.events.callbacks["post_run_cell"] == []  # the hook went with its cell
@@ -541,9 +548,33 @@ def test_setting_turns_the_inline_view_off(shown):
     assert shown[1] == []
 
 
-def test_no_inline_view_without_ipywidgets(shown, monkeypatch):
+def test_the_inline_view_needs_no_ipywidgets(shown, monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
-    assert inline_view() is None
+    assert inline_view() is not None
+
+
+def test_a_fast_call_sends_its_final_record_only(shown, monkeypatch):
+    """States reported within SHOW_AFTER_SECONDS are not sent: a quick cell costs the kernel
+    two messages, the display and its final update."""
+    monkeypatch.setattr(widgets, "SHOW_AFTER_SECONDS", 60.0)
+    shell, calls = shown
+    view = inline_view()
+    record = make_record(timings=Timings())
+    for state in ("queued", "sending", "running", "receiving"):
+        view.update(state, record)
+    assert len(calls) == 1  # the display only
+    view.update("done", make_record())
+    assert len(calls) == 2 and "kaas-state-done" in calls[-1]["text/html"]
+
+
+def test_a_state_reported_after_the_first_moments_is_sent_at_once(shown, monkeypatch):
+    monkeypatch.setattr(widgets, "SHOW_AFTER_SECONDS", 0.05)
+    monkeypatch.setattr(widgets, "TICK_AFTER_SECONDS", 60.0)  # only the update writes
+    shell, calls = shown
+    view = inline_view()
+    time.sleep(0.1)
+    view.update("running", make_record(timings=Timings()))
+    assert len(calls) == 2 and "kaas-state-running" in calls[-1]["text/html"]
 
 
 def test_no_inline_view_in_a_terminal_shell(monkeypatch):
