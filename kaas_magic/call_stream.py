@@ -29,10 +29,6 @@ import time
 
 class CallStream:
     FLUSH_S = 0.02
-    # A call's state ("running", "compiling") waits this long before it is sent on its own: a
-    # call answering sooner sends none (its reply says it all), so a quick cell's link carries
-    # one message back, and its notebook handles one.
-    STATE_AFTER_S = 0.2
     MAX_PENDING = 8 * 2**20  # characters waiting to be sent, per call
     MAX_DISPLAY = 8 * 2**20  # characters of one display's bundle (base64 images included)
 
@@ -43,9 +39,7 @@ class CallStream:
         self.dropped = 0
         self._lock = threading.Lock()  # guards the chunks; never held while sending
         self._send_lock = threading.Lock()  # one sender at a time, so messages keep their order
-        # As if sent just now: a call's first print waits FLUSH_S too, so the pieces of one
-        # print ("a", " ", "b", "\n") travel together, and a quick call's text goes with its reply.
-        self._last_sent = time.monotonic()
+        self._last_sent = 0.0
         self._scheduled = False
         self.closed = False  # answered (or the link broke): later writes are dropped
 
@@ -64,11 +58,6 @@ class CallStream:
                 self.dropped += len(text)
                 return
             self._chunks.append((name, text))
-            if name == "state":
-                if not self._scheduled:
-                    self._scheduled = True
-                    _flusher.schedule(self, self.STATE_AFTER_S)
-                return
             self._pending += len(text)
             if name != "state" and time.monotonic() - self._last_sent < self.FLUSH_S:
                 if not self._scheduled:
@@ -101,10 +90,7 @@ class CallStream:
             self._send_lock.release()
 
     def finish(self) -> None:
-        """The call is answering: send the rest (and what was dropped, if any), then close.
-        States not sent yet are dropped: the reply supersedes them."""
-        with self._lock:
-            self._chunks = [c for c in self._chunks if c[0] != "state"]
+        """The call is answering: send the rest (and what was dropped, if any), then close."""
         if self.dropped:
             with self._lock:
                 self._chunks.append(("stderr", f"\n[kaas: {self.dropped:,} characters of output were dropped: "
