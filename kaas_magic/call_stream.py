@@ -29,6 +29,13 @@ import time
 
 class CallStream:
     FLUSH_S = 0.02
+    # A call's state ("running", "compiling") waits this long from the call's start before it
+    # is sent on a message of its own: a call answering sooner sends none (its reply says it
+    # all), so a quick cell's link carries one message back, and its notebook handles one.
+    # Text never waits longer for it: a state held counts as sent for the text after it (which
+    # is coalesced for FLUSH_S, as after a state sent at once, so one print travels whole),
+    # and goes with that text, before it.
+    STATE_AFTER_S = 0.2
     MAX_PENDING = 8 * 2**20  # characters waiting to be sent, per call
     MAX_DISPLAY = 8 * 2**20  # characters of one display's bundle (base64 images included)
 
@@ -41,6 +48,8 @@ class CallStream:
         self._send_lock = threading.Lock()  # one sender at a time, so messages keep their order
         self._last_sent = 0.0
         self._scheduled = False
+        self._started = time.monotonic()
+        self._state_scheduled = False  # a flush for states waiting, on a timer of its own
         self.closed = False  # answered (or the link broke): later writes are dropped
 
     def write(self, name: str, text) -> None:
@@ -58,6 +67,16 @@ class CallStream:
                 self.dropped += len(text)
                 return
             self._chunks.append((name, text))
+            if name == "state":
+                now = time.monotonic()
+                due = self._started + self.STATE_AFTER_S - now
+                if due > 0:
+                    self._last_sent = now  # as if sent: the text after it is coalesced as it would be
+                    if not self._state_scheduled:
+                        self._state_scheduled = True
+                        _flusher.schedule(self, due)
+                    return
+                self._state_scheduled = False
             self._pending += len(text)
             if name != "state" and time.monotonic() - self._last_sent < self.FLUSH_S:
                 if not self._scheduled:
@@ -90,7 +109,15 @@ class CallStream:
             self._send_lock.release()
 
     def finish(self) -> None:
-        """The call is answering: send the rest (and what was dropped, if any), then close."""
+        """The call is answering: send the rest (and what was dropped, if any), then close.
+        States not sent yet and followed by no text are dropped: the reply supersedes them. A
+        state before text still goes before it (the caller's run view shows itself at the
+        worker's first state, so that it comes before the call's output)."""
+        with self._lock:
+            last = len(self._chunks)
+            while last and self._chunks[last - 1][0] == "state":
+                last -= 1
+            del self._chunks[last:]
         if self.dropped:
             with self._lock:
                 self._chunks.append(("stderr", f"\n[kaas: {self.dropped:,} characters of output were dropped: "
@@ -141,11 +168,13 @@ class _Flusher:
 
     def schedule(self, stream: CallStream, delay: float) -> None:
         with self._changed:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), stream))
+            entry = (time.monotonic() + delay, next(self._order), stream)
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kaas-stream-flush", daemon=True)
                 self._thread.start()
-            self._changed.notify()
+            elif self._heap[0] is entry:  # due before anything the thread waits for: wake it
+                self._changed.notify()
 
     def _run(self) -> None:
         while True:

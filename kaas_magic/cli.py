@@ -56,6 +56,8 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.control import main
     elif args.which == "cells":
         from .bench.cells import main
+    elif args.which == "transfer":
+        from .bench.transfer import main
     elif args.which == "load":
         from .bench.load import main
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured in one run")
-    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load", "fanout", "control", "cells"],
+    bench.add_argument("which", choices=["overhead", "kernels", "paper", "load", "fanout", "control", "cells", "transfer"],
                        help="overhead: per-call cost against Dask, ipyparallel and a Pipe; "
                             "kernels: warm kernel calls and a kept-data chain against in-process calls; "
                             "paper: the seed paper's completion-time table, naive fresh processes vs the warm pool; "
@@ -119,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     fanout.add_argument("--slow-tasks", type=int, default=400, help="tasks of 5 ms per path (default 400)")
     cells = bench.add_argument_group("cells")
     cells.add_argument("--cells", type=int, default=40, help="cells of each kind (default 40)")
+    cells.add_argument("--browser", action="store_true",
+                       help="add a row: the run view's cells in JupyterLab in headless Chromium (needs jupyterlab, "
+                            "playwright and /usr/bin/chromium)")
+    transfer = bench.add_argument_group("transfer")
+    transfer.add_argument("--sizes", default="1,16,64,256", help="array sizes in MiB (default 1,16,64,256)")
     control = bench.add_argument_group("control")
     control.add_argument("--workers-list", default="4,16,32", help="pool sizes to run (default 4,16,32)")
     control.add_argument("--clients-list", default="2,8", help="numbers of clients to run (default 2,8)")

@@ -24,6 +24,7 @@ longer to decode a call; the trust model is the same (Dask unpickles too).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import pickle
@@ -35,6 +36,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy
 
+from . import shared_frames
+from .shared_frames import SharedFrames
+
 if TYPE_CHECKING:
     from .protocol import Refused, Reply
 
@@ -42,15 +46,39 @@ _COUNT = struct.Struct("<Q")
 _TWO = struct.Struct("<QQ")  # the header of a one-frame message: count and length
 
 
-def _encode(message: Any) -> list:
-    """The message as the parts to send: its header (the frame count, then each frame's
-    length), the pickle, then each out-of-band buffer."""
+SHARED = 1 << 63  # a frame length with this bit set: the frame is in the next passed segment
+NOTICES = 32  # the header's first word: frame count in the low 32 bits, notices above
+
+
+def _encode(message: Any, shared: SharedFrames | None = None) -> tuple[list, list[int]]:
+    """The message as the parts to send, and the descriptors to pass with them.
+
+    Parts: the header (the first word: the frame count, and above bit 32 the number of
+    notices; then each frame's length; then the notices: ids of the peer's shared-memory
+    segments this side gives back), then the pickle, then each out-of-band buffer that
+    travels in the socket. A buffer over the shared-memory threshold on a same-host link
+    is copied into a segment instead (see shared_frames): its length has the SHARED bit,
+    and the segment's descriptor goes with the message."""
     buffers: list = []
     head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    if not buffers:  # the usual small message: one piece, one system call
-        return [_TWO.pack(1, len(head)) + head]
-    frames = [head, *(b.raw() for b in buffers)]
-    return [struct.pack(f"<{len(frames) + 1}Q", len(frames), *(memoryview(f).nbytes for f in frames)), *frames]
+    returns = shared.take_returns() if shared is not None else ()
+    if not buffers and not returns:  # the usual small message: one piece, one system call
+        return [_TWO.pack(1, len(head)) + head], []
+    lengths, parts, fds = [len(head)], [head], []
+    smallest = shared_frames.threshold() if shared is not None else 0
+    for buffer in buffers:
+        frame = buffer.raw()
+        if smallest and frame.nbytes >= smallest and len(fds) < shared.MAX_PER_MESSAGE:
+            fd = shared.lend(frame)
+            if fd is not None:
+                lengths.append(frame.nbytes | SHARED)
+                fds.append(fd)
+                continue
+        lengths.append(frame.nbytes)
+        parts.append(frame)
+    header = struct.pack(f"<{1 + len(lengths) + len(returns)}Q", len(lengths) | len(returns) << NOTICES,
+                         *lengths, *returns)
+    return [header, *parts], fds
 
 
 UNIX_BUFFER = 4 * 2**20
@@ -71,15 +99,18 @@ def _decode(frames: list[bytearray]) -> Any:
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
-def _send(sock: socket.socket, message: Any) -> None:
-    parts = _encode(message)
-    if len(parts) == 1 or isinstance(sock, ssl.SSLSocket):  # (no sendmsg on TLS)
+def _send(sock: socket.socket, message: Any, shared: SharedFrames | None = None) -> None:
+    parts, fds = _encode(message, shared)
+    if len(parts) == 1 or isinstance(sock, ssl.SSLSocket):  # (no sendmsg on TLS; no descriptors there either)
         for part in parts:
             sock.sendall(part)
         return
     parts = [memoryview(p).cast("B") for p in parts]
+    # The descriptors ride on the first system call, so they arrive with the header's bytes.
+    passed = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while parts:  # all parts in as few system calls as the socket takes
-        sent = sock.sendmsg(parts)
+        sent = sock.sendmsg(parts, passed)
+        passed = []
         while parts and sent >= parts[0].nbytes:
             sent -= parts[0].nbytes
             parts.pop(0)
@@ -105,31 +136,71 @@ def set_limits(max_frame: int, max_message: int) -> None:
 class _Reader:
     """Reads messages from a socket. A small message (a call's request, most replies)
     arrives whole in one system call into a read-ahead buffer and is cut from there; a
-    large frame (an array) is read straight into its own buffer, never copied. A header
-    that names more than the limits is refused before anything is allocated."""
+    large frame (an array) is read straight into its own buffer, never copied, or, on a
+    same-host link, handed out in place from the shared-memory segment it came in. A
+    header that names more than the limits is refused before anything is allocated."""
 
     AHEAD = 65536
     MAX_FRAMES = 4096  # a header longer than this is not one of ours
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, shared: SharedFrames | None = None):
         self.sock = sock
+        self.shared = shared
         self._ahead = bytearray(self.AHEAD)
         self._start = self._end = 0
+        # Descriptors passed with the bytes read so far and not yet claimed by a frame.
+        self._passed: list[int] = []
+        self._ancillary = socket.CMSG_SPACE(SharedFrames.MAX_PER_MESSAGE * 4) if shared is not None else 0
 
     def message(self) -> list:
         self._have(8)
-        (count,) = _COUNT.unpack_from(self._ahead, self._start)
-        if not 0 < count <= self.MAX_FRAMES:
-            raise ValueError(f"not a kaas message (a header of {count} frames)")
-        self._have(8 + 8 * count)
-        lengths = struct.unpack_from(f"<{count}Q", self._ahead, self._start + 8)
+        (first,) = _COUNT.unpack_from(self._ahead, self._start)
+        count, notices = first & 0xFFFFFFFF, first >> NOTICES
+        if not 0 < count <= self.MAX_FRAMES or count + notices >= self.AHEAD // 8:
+            raise ValueError(f"not a kaas message (a header of {count} frames, {notices} notices)")
+        self._have(8 + 8 * (count + notices))
+        words = struct.unpack_from(f"<{count + notices}Q", self._ahead, self._start + 8)
+        lengths = [n & ~SHARED for n in words[:count]]
         if max(lengths) > _limits["frame"] or sum(lengths) > _limits["message"]:
             raise FrameTooLarge(
                 f"the peer announced a message of {sum(lengths):,} bytes (largest part {max(lengths):,}), over "
                 f"this side's limits of {_limits['frame']:,} per part and {_limits['message']:,} in all "
                 f"(kaas.transfer.max-bytes, kaas.transfer.max-message-bytes)")
-        self._start += 8 + 8 * count
-        return [self._frame(n) for n in lengths]
+        self._start += 8 + 8 * (count + notices)
+        if notices:
+            if self.shared is None:
+                raise ValueError("the peer gave back shared memory on a link that has none")
+            self.shared.returned(words[count:])
+        return [self._in_place(n & ~SHARED) if n & SHARED else self._frame(n) for n in words[:count]]
+
+    def _in_place(self, size: int):
+        """A frame that came in a shared-memory segment: its bytes, not copied."""
+        if self.shared is None or not self._passed:
+            raise ValueError("the peer announced a shared-memory frame without passing its segment")
+        return self.shared.accept(self._passed.pop(0), size)
+
+    def _receive(self, view: memoryview) -> int:
+        if not self._ancillary:
+            n = self.sock.recv_into(view)
+        else:  # a same-host link: collect descriptors passed with these bytes
+            n, ancillary, flags, _ = self.sock.recvmsg_into([view], self._ancillary)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                    self._passed.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError("the peer passed more descriptors than a message may carry")
+        if n == 0:
+            raise ConnectionResetError("the other side closed the connection")
+        return n
+
+    def close(self) -> None:
+        """Descriptors received and never claimed are closed (a link that broke mid-message)."""
+        passed, self._passed = self._passed, []
+        for fd in passed:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _have(self, size: int) -> None:
         """At least ``size`` (at most AHEAD) unread bytes in the read-ahead buffer."""
@@ -138,10 +209,7 @@ class _Reader:
                 left = self._end - self._start
                 self._ahead[:left] = self._ahead[self._start:self._end]
                 self._start, self._end = 0, left
-            n = self.sock.recv_into(memoryview(self._ahead)[self._end:])
-            if n == 0:
-                raise ConnectionResetError("the other side closed the connection")
-            self._end += n
+            self._end += self._receive(memoryview(self._ahead)[self._end:])
 
     def _frame(self, size: int):
         start = self._start
@@ -156,10 +224,7 @@ class _Reader:
         view[:got] = memoryview(self._ahead)[start:self._end]
         self._start = self._end = 0
         while got < size:  # straight into place, never past this frame
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionResetError("the other side closed the connection")
-            got += n
+            got += self._receive(view[got:])
         return out
 
 
@@ -175,8 +240,9 @@ class Replier:
     # long; then its link is dropped, and the call's thread is free again.
     SEND_TIMEOUT = 30.0
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, shared: SharedFrames | None = None):
         self._sock = sock
+        self._shared = shared
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.broken = False
@@ -208,7 +274,7 @@ class Replier:
                 if message.get("kind") != "stream":
                     self.call_id = None  # answered: a second answer would not match
             try:
-                _send(self._sock, message)
+                _send(self._sock, message, self._shared)
             except OSError:
                 self.broken = True
                 with contextlib.suppress(OSError):
@@ -290,6 +356,7 @@ class Server:
         return uid == self._uid
 
     def _serve(self, sock: socket.socket) -> None:
+        shared = reader = None
         try:
             unix = sock.family == getattr(socket, "AF_UNIX", None)
             if unix and not self._peer_is_me(sock):
@@ -299,8 +366,9 @@ class Server:
                 sock.settimeout(10)  # a handshake that never comes must not hold the thread
                 sock = self._ssl.wrap_socket(sock, server_side=True)
                 sock.settimeout(None)
-            replier = Replier(sock)
-            reader = _Reader(sock)
+            shared = SharedFrames() if unix and shared_frames.threshold() and shared_frames.available() else None
+            replier = Replier(sock, shared)
+            reader = _Reader(sock, shared)
             while not self._closed:
                 try:
                     frames = reader.message()
@@ -320,6 +388,10 @@ class Server:
         except (ConnectionError, OSError):  # the client went away mid-reply
             pass
         finally:
+            if reader is not None:
+                reader.close()
+            if shared is not None:
+                shared.close()
             # shutdown, not only close: the supervisor holds a copy of the socket, and the
             # client must see the link end now, not at its deadline.
             with contextlib.suppress(OSError):
@@ -362,10 +434,13 @@ class Link:
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
         sock.settimeout(None)  # a call may run for as long as it needs
         self.sock = sock
-        self._reader = _Reader(sock)
+        unix = sock.family == getattr(socket, "AF_UNIX", None)
+        # Large arrays to and from a worker on this machine go through shared memory.
+        self.shared = SharedFrames() if unix and shared_frames.threshold() and shared_frames.available() else None
+        self._reader = _Reader(sock, self.shared)
 
     def send(self, message: Any) -> None:
-        _send(self.sock, message)
+        _send(self.sock, message, self.shared)
 
     def receive(self, timeout: float | None = None) -> Any:
         if timeout is None:
@@ -381,6 +456,9 @@ class Link:
             self.sock.close()
         except OSError:
             pass
+        if self.shared is not None:
+            self._reader.close()
+            self.shared.close()
 
 
 def _connect_unix(endpoint: dict) -> socket.socket | None:

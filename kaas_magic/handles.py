@@ -5,7 +5,9 @@ gives the notebook a :class:`DeviceHandle` for each. A later call that takes the
 an input goes to that worker and uses the device buffer in place, with no copy;
 ``handle.get()`` (or ``numpy.asarray(handle)``) brings the data home. A handle that the
 notebook drops frees its buffer, and a worker under memory pressure drops its least
-recently used buffers first.
+recently used buffers first. A call of another backend on the same physical device (a JAX
+cell on a NumPy handle) gets the buffer converted on the worker through DLPack, said in its
+run record (see worker.convert).
 
 On the wire a handle is only a :class:`HandleRef` (its id); the worker looks the id up in
 its buffer store (see buffer_store), which is kept per client so no client sees another's

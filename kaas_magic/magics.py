@@ -118,6 +118,13 @@ def _parsed_cell_line(line: str) -> argparse.Namespace:
     return parse_argstring(_cell_parser, line)
 
 
+@functools.lru_cache(maxsize=256)
+def _shows_value(cell: str) -> bool:
+    """Whether the cell's value is shown (no ``;`` after its last expression), as IPython
+    decides; IPython tokenizes the cell for it, so each cell text is decided once."""
+    return not DisplayHook.semicolon_at_end_of_expression(cell)
+
+
 _EXAMPLES = """\
 Examples:
   %%kaas gpu                   run the cell on a GPU worker; xp is CuPy there
@@ -216,7 +223,7 @@ class KaasMagics(Magics):
                 timeout=args.timeout,
                 retries=args.retries,
                 progress=view.update if view is not None else None,
-                value=not DisplayHook.semicolon_at_end_of_expression(cell),
+                value=_shows_value(cell),
                 started=started,
             )
         except KeyboardInterrupt as e:
@@ -245,7 +252,7 @@ class KaasMagics(Magics):
                 exclude=exclude, backend=args.backend, fallback=args.fallback, worker=args.worker,
                 filename=filename, line_offset=1, keep=args.keep, timeout=args.timeout, retries=args.retries,
                 progress=view.update if view is not None else None, stdout=stdout, stderr=stderr,
-                value=not DisplayHook.semicolon_at_end_of_expression(cell), started=started, block=False)
+                value=_shows_value(cell), started=started, block=False)
 
         CELLS.start(self.shell.execution_count, submit)
 

@@ -126,6 +126,9 @@ class Reply(TypedDict):
     kept: dict[str, KeptBuffer | list[KeptBuffer]]
     timings: Timings
     kernels: dict[str, str]  # kernel name -> how it was had ("compiled", "disk", ...)
+    # Kept buffers of another backend that this call's inputs were converted from, on the
+    # worker (see worker.convert): {name, from, to, device, copied, how, why, nbytes} each.
+    conversions: list[dict]
     worker_exiting: bool  # the worker is being replaced: route nothing more to it
     worker: str
     host: str
@@ -186,12 +189,13 @@ class MetricsRow(TypedDict):
 
 def reply(error: ErrorInfo | None, timings: Timings, outputs: dict[str, Any] | None = None,
           skipped: dict[str, str] | None = None, kept: dict | None = None, kernels: dict[str, str] | None = None,
-          worker_exiting: bool = False) -> Reply:
+          worker_exiting: bool = False, conversions: list | None = None) -> Reply:
     """A call's reply: ``ok`` when there is no ``error``. Who answered and when are filled
     in as it is sent (WorkerRuntime._addressed)."""
     return {"kind": "result", "ok": error is None, "outputs": {} if outputs is None else outputs,
             "skipped": {} if skipped is None else skipped, "error": error, "kept": {} if kept is None else kept,
             "timings": timings, "kernels": {} if kernels is None else kernels, "worker_exiting": worker_exiting,
+            "conversions": [] if conversions is None else conversions,
             "worker": "", "host": "", "device": "", "received_at": 0.0, "replied_at": 0.0}
 
 

@@ -77,6 +77,15 @@ class RunRecord:
     # Things the user did not ask about but may want to know, shown as info lines in the
     # run view (a name the cell made that cannot travel, a worker replaced meanwhile).
     notes: list[str] = field(default_factory=list)
+    # Kept buffers of another backend that the worker converted for this call (a NumPy
+    # handle used by a JAX cell): {name, from, to, device, copied, how, why, nbytes} each,
+    # ``copied`` False when the call used the same memory through DLPack (worker.convert).
+    conversions: list[dict] = field(default_factory=list)
+
+    def add_conversions(self, conversions) -> None:
+        """Takes a reply's conversions, and a note line for each (shown in the run view)."""
+        self.conversions = [dict(c) for c in conversions or ()]
+        self.notes += [conversion_note(c) for c in self.conversions]
 
     @property
     def fallback(self) -> bool:
@@ -126,3 +135,11 @@ class RunRecord:
         from .widgets import render_html
 
         return render_html(self.state, self, str(self.error or "") if self.state == "error" else "")
+
+
+def conversion_note(conversion: dict) -> str:
+    """A conversion as one line: ``x: numpy -> jax on cpu, zero-copy (dlpack)``."""
+    what = "copied" if conversion.get("copied") else "zero-copy"
+    line = (f"{conversion.get('name')}: {conversion.get('from')} -> {conversion.get('to')} on "
+            f"{conversion.get('device')}, {what} ({conversion.get('how')})")
+    return line + (f": {conversion['why']}" if conversion.get("why") else "")

@@ -1,12 +1,13 @@
 """The run view under a ``%%kaas`` cell: where the cell ran and where its time went.
 
-The view is one display output (``display(..., display_id=True)``). While the call runs, the
-run's progress callback and a shared ticker replace its HTML by id (``update_display_data``,
-through a :class:`DisplaySurface`); when the call ends it is replaced by the final record. No
-widget: the record left in the notebook is plain HTML that renders in classic Notebook, VS
-Code, nbconvert and GitHub, shows no "model not found" after a kernel restart, and each cell
-costs the kernel no comm of its own. A call that ends within ``SHOW_AFTER_SECONDS`` sends its
-final record only (two messages for the cell: the display, and its final update).
+The view is one display output with an id (see :class:`ViewDisplay`). While the call runs,
+the run's progress callback and a shared ticker replace its HTML by id
+(``update_display_data``, through a :class:`DisplaySurface`); when the call ends it is
+replaced by the final record. No widget: the record left in the notebook is plain HTML that
+renders in classic Notebook, VS Code, nbconvert and GitHub, shows no "model not found" after a
+kernel restart, and each cell costs the kernel no comm of its own. A call that ends within
+``SHOW_AFTER_SECONDS`` and prints nothing sends its final record only: one message for the
+cell, its display (the view of such a call is shown at its first update; see ViewDisplay).
 
 While the call is not final the view counts the seconds since the cell started (like
 tqdm), so a slow start or a long cell looks alive. One shared daemon thread re-renders all
@@ -22,11 +23,14 @@ colours, readable in both.
 from __future__ import annotations
 
 import html
+import itertools
+import os
+import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
     from .record import RunRecord, Timings
@@ -35,6 +39,8 @@ STATES = ("starting", "queued", "sending", "compiling", "running", "receiving", 
 FINAL_STATES = frozenset({"done", "error", "cancelled"})
 # States in which the call waits for something that ``record.waiting_for`` names.
 WAITING_STATES = frozenset({"starting", "queued"})
+# States only the worker reports (streamed to the caller before the call's output).
+WORKER_STATES = frozenset({"compiling", "running"})
 
 # Phase -> (label, colour, what the time was spent on).
 PHASES: dict[str, tuple[str, str, str]] = {
@@ -64,6 +70,10 @@ ERROR_TEXT = "var(--jp-error-color1, #b91c1c)"
 # TICK_AFTER_SECONDS (most cells end sooner; ticking them would only be comm traffic).
 TICK_SECONDS = 0.5
 TICK_AFTER_SECONDS = 0.3
+# The ticker's thread waits this long without a live view before it ends, so that cells run
+# one after another do not each start one (a start is a hand-off to the new thread and back,
+# about 0.1 ms of the cell).
+TICKER_LINGER_SECONDS = 30.0
 # A state reported before this is not sent: the ticker shows the state of a call still
 # running then, and a call that ends sooner sends its final record only (each message costs
 # the notebook's kernel time on every cell).
@@ -300,7 +310,10 @@ class RunView:
             if state in FINAL_STATES:
                 self._handle.update(display_data(state, record, note), raw=True)
                 self._widget.close()
-            elif self.elapsed() >= SHOW_AFTER_SECONDS:
+            elif self.elapsed() >= SHOW_AFTER_SECONDS or (
+                    state in WORKER_STATES and not getattr(self._handle, "shown", True)):
+                # A view not shown yet is shown at the worker's first word, which comes
+                # before anything the call prints or displays (see ViewDisplay).
                 self._show(render_html(state, record, note, self.elapsed()))
         if state in FINAL_STATES:
             _ticker.remove(self)
@@ -330,7 +343,7 @@ class RunView:
 class _Ticker:
     """One daemon thread for all live views, so many cells running at once (threads,
     ``asyncio``) cost one thread, not one each. It runs while there are live views and
-    ends when there are none; the next view starts it again.
+    ends when there has been none for TICKER_LINGER_SECONDS; the next view starts it again.
 
     Views are held weakly and dropped on their final state: a finished view, or one its
     caller abandoned, is not kept alive (with its widget) by the ticker.
@@ -363,14 +376,20 @@ class _Ticker:
             self._views.discard(view)
 
     def _loop(self) -> None:
+        idle_since = None
         while True:
             time.sleep(TICK_SECONDS)  # read each time: tests make it short
             with self._lock:
                 # Decided under the lock that ``add`` takes: a view added after this sees
                 # no thread and starts one, so none is left without ticks.
                 if not self._views:
-                    self._thread = None
-                    return
+                    now = time.monotonic()
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= TICKER_LINGER_SECONDS:
+                        self._thread = None
+                        return
+                    continue
+                idle_since = None
             self._tick_all()
 
     def _tick_all(self) -> None:
@@ -406,13 +425,106 @@ def inline_view(end_with_cell: bool = True) -> RunView | None:
     if not config.get("widgets.inline") or not _frontend_shows_widgets():
         return None
     from IPython import get_ipython
-    from IPython.display import display
 
-    handle = display(display_data("queued", None), raw=True, display_id=True)
+    shell = get_ipython()
+    handle = ViewDisplay(shell)
+    # A view that ends with its cell is shown at its first update (see ViewDisplay.open).
+    handle.open(lambda: display_data("queued", None), defer=end_with_cell)
     view = RunView(DisplaySurface(handle), handle)
     if end_with_cell:
-        _finish_with_cell(view, get_ipython())
+        _finish_with_cell(view, shell)
     return view
+
+
+class ViewDisplay:
+    """The run view's display output: shown once, then updated by id.
+
+    A view that ends with its cell (``open(..., defer=True)``) is shown at its first update
+    instead of at once: a quick call's view is one message, its final record, not a display
+    and its update. The run view updates as soon as the call has taken SHOW_AFTER_SECONDS, or
+    the worker says it is running (which comes before anything the call prints or displays,
+    see call_stream), so the view still comes before the cell's output. Its messages carry
+    the cell's parent header, taken when the view is made, whichever thread sends them.
+
+    In a Jupyter kernel the view's messages go straight to the kernel's IOPub socket.
+    IPython's ``display()`` and ``update_display()`` would first flush stdout and stderr, and
+    each flush waits for the kernel's IOPub thread (two hand-offs between threads) even when
+    nothing is waiting to go out: four waits on another thread in every cell with a view.
+    Here a stream is flushed before the view is shown only when it holds text (so text
+    printed before the view still comes before it), and never before an update, which
+    changes an output already in place. The display's id is made here: IPython's reads 16
+    bytes from ``os.urandom`` for each. Anywhere else (``capture_output``, a display
+    publisher of another kind, a test's fake) it goes through IPython's ``display()``.
+    """
+
+    def __init__(self, shell):
+        self._shell = shell
+        self.display_id = f"kaas-{_DISPLAY_PREFIX}-{next(_DISPLAY_COUNT)}"
+        self._ipython_handle = None
+        self._pub = None  # the kernel's display publisher, when its messages are sent here
+        self._parent: dict = {}
+        self.shown = False  # whether the display is out (later messages update it)
+
+    def open(self, data: Callable[[], dict[str, Any]], defer: bool = False) -> None:
+        """Show ``data()`` now or, with ``defer`` in a kernel, at the first update (and
+        ``data`` is not called)."""
+        pub = self._kernel_publisher()
+        if pub is None:
+            from IPython.display import display
+
+            self._ipython_handle = display(data(), raw=True, display_id=self.display_id)
+            self.shown = True
+            return
+        self._pub, self._parent = pub, pub.parent_header
+        if not defer:
+            self._send(data())
+
+    def update(self, obj: Any, *, raw: bool = False) -> None:
+        """Replace the display's data (showing it, the first time, when it was deferred).
+        Callers serialise their calls (RunView's lock)."""
+        if self._ipython_handle is not None:
+            self._ipython_handle.update(obj, raw=raw)
+        elif self._pub is not None and raw:
+            self._send(obj)
+        else:
+            from IPython.display import update_display
+
+            update_display(obj, raw=raw, display_id=self.display_id)
+
+    def _kernel_publisher(self):
+        """The kernel's display publisher when it is ipykernel's own (the view's messages
+        are then sent as it sends them); None elsewhere: IPython's display() is used."""
+        pub = getattr(self._shell, "display_pub", None)
+        zmqshell = sys.modules.get("ipykernel.zmqshell")
+        if (zmqshell is None or type(pub) is not getattr(zmqshell, "ZMQDisplayPublisher", None)
+                or getattr(pub, "store_display_history", False)
+                or getattr(pub, "session", None) is None or getattr(pub, "pub_socket", None) is None):
+            return None
+        return pub
+
+    def _send(self, data: dict[str, Any]) -> None:
+        """Publish as ipykernel's publisher does, with its hooks (an ipywidgets ``Output``
+        captures the view like any display): a ``display_data`` the first time, then
+        ``update_display_data``."""
+        pub, first = self._pub, not self.shown
+        if first:
+            for stream in (sys.stdout, sys.stderr):
+                # ipykernel's streams say whether they hold text not yet sent.
+                if getattr(stream, "_flush_pending", True) or getattr(stream, "_subprocess_flush_pending", False):
+                    stream.flush()
+        content = {"data": data, "metadata": {}, "transient": {"display_id": self.display_id}}
+        msg = pub.session.msg("display_data" if first else "update_display_data", content, parent=self._parent)
+        self.shown = True
+        for hook in pub._hooks:
+            msg = hook(msg)
+            if msg is None:
+                return
+        pub.session.send(pub.pub_socket, msg, ident=pub.topic)
+
+
+# Display ids: this process's random prefix (ids stay unique across kernel restarts) and a count.
+_DISPLAY_PREFIX = os.urandom(6).hex()
+_DISPLAY_COUNT = itertools.count(1)
 
 
 class DisplaySurface:

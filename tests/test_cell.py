@@ -30,6 +30,7 @@ class Cell:
     execution_count: int | None = None
     status: str = ""
     outputs: list[dict] = field(default_factory=list)  # {"type": msg_type, **content}
+    messages: list[dict] = field(default_factory=list)  # every iopub message of the cell, busy to idle
     seconds: float = 0.0  # from sending the request to its reply
 
     def of(self, kind: str) -> list[dict]:
@@ -88,6 +89,7 @@ class Kernel:
             self.messages.append(msg)
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
+            cell.messages.append(msg)
             kind, content = msg["msg_type"], msg["content"]
             if kind == "status" and content["execution_state"] == "idle":
                 break
@@ -163,6 +165,57 @@ def test_the_first_cell_after_load_ext_is_cold_and_counts_its_wait_for_the_pool(
     assert warm.status == "ok"
     again = kernel.last_record()
     assert not again["cold"] and again["timings"]["startup"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_cell_sends_no_more_iopub_messages_than_it_must(kernel):
+    """Each iopub message costs the kernel time on every cell (serialising, the IOPub
+    thread, ZMQ) and the frontend a render. A quick ``%%kaas --quiet`` cell sends exactly what
+    a plain cell sends (busy, its input, idle); with its run view, one more: the view, shown
+    once with its final record. No state before it (a quick call shows none), no update, no
+    stream (nothing was printed), no comm."""
+    plain_kinds = ["status", "execute_input", "status"]
+    view_kinds = ["status", "execute_input", "display_data", "status"]
+
+    def kinds(cell: Cell) -> list[str]:
+        return [m["msg_type"] for m in cell.messages]
+
+    for _ in range(3):  # warm: links, caches
+        kernel.run("%%kaas cpu\nq = 1")
+    assert kinds(kernel.run("q = 1")) == plain_kinds
+    quiet = [kernel.run("%%kaas cpu --quiet\nq = 1") for _ in range(3)]
+    assert all(c.status == "ok" and kinds(c) == plain_kinds for c in quiet), [kinds(c) for c in quiet]
+    # A machine busy enough to take widgets.SHOW_AFTER_SECONDS over one of them would show a
+    # state meanwhile: one quick cell of three is enough.
+    views = [kernel.run("%%kaas cpu\nq = 1") for _ in range(3)]
+    assert any(kinds(c) == view_kinds for c in views), [kinds(c) for c in views]
+    view = next(c for c in views if kinds(c) == view_kinds)
+    final = view.messages[2]["content"]
+    assert "kaas-state-done" in final["data"]["text/html"] and "kaas cpu [numpy]" in final["data"]["text/plain"]
+    assert final["transient"]["display_id"]  # updated by id while a slow call runs
+    # Ids are unique per cell (and per kernel process: a restarted kernel's cannot repeat them).
+    assert len({c.messages[2]["content"]["transient"]["display_id"] for c in views}) == 3
+
+
+@pytest.mark.timeout(300)
+def test_the_run_view_comes_after_text_printed_before_it_and_before_the_cells_print(kernel):
+    """The view is published without IPython's flush of stdout and stderr unless they hold
+    text: text printed before the view still comes first. A quick call's view is shown at
+    its end, or at the worker's first word when the call prints or displays: before that,
+    and updated to its final record after."""
+    def shown(cell: Cell) -> list[str]:
+        return [m["msg_type"] if m["msg_type"] != "stream" else m["content"]["text"].strip()
+                for m in cell.messages if m["msg_type"] in ("display_data", "update_display_data", "stream")]
+
+    printed = kernel.run("%%kaas cpu\nprint('from the worker')")
+    assert shown(printed) == ["display_data", "from the worker", "update_display_data"], shown(printed)
+    assert "kaas-state-running" in printed.messages[2]["content"]["data"]["text/html"]
+    displayed = kernel.run("%%kaas cpu\ndisplay({'text/plain': 'a display'}, raw=True)")
+    assert shown(displayed)[0] == "display_data" and "kaas-run" in displayed.messages[2]["content"]["data"]["text/html"]
+    assert [m["content"]["data"]["text/plain"] for m in displayed.messages if m["msg_type"] == "display_data"][1:] \
+        == ["a display"]
+    before = kernel.run("print('before the view')\nget_ipython().run_cell_magic('kaas', 'cpu', 'q = 1')")
+    assert shown(before) == ["before the view", "display_data"], shown(before)
 
 
 @pytest.mark.timeout(300)

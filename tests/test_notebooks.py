@@ -55,8 +55,12 @@ def check_quickstart(nb):
 
 def check_kernels(nb):
     shown = shown_in(nb)
-    for line in ("scale ok", "gelu ok", "ghz ok", "chain ok", "cell chain ok"):
+    for line in ("scale ok", "gelu ok", "ghz ok", "chain ok", "cell chain ok", "backend chain ok"):
         assert line in shown
+    # Kept handles across backends: handed over on the worker through DLPack, the memory shared.
+    assert "note: v: numpy -> jax on cpu, zero-copy (dlpack)" in shown
+    assert "note: w: jax -> numpy on cpu, zero-copy (dlpack)" in shown
+    assert "conversions: [('w', 'jax', 'numpy', 'zero-copy')]" in shown
     assert "WRONG" not in shown
     assert "kernel state: {'scale': 'warm'}" in shown  # registration compiled it already
     assert "KernelArgumentError - kernel 'vector_add': argument 'a' has dtype float64, expected float32" in shown

@@ -215,7 +215,8 @@ class _Mkdir:
 
 
 def _kaas_message_that_makes(marker: Path) -> bytes:
-    return b"".join(bytes(part) for part in fastlink._encode({"service": _Mkdir(str(marker))}))
+    parts, _descriptors = fastlink._encode({"service": _Mkdir(str(marker))})
+    return b"".join(bytes(part) for part in parts)
 
 
 def _dask_plaintext() -> bytes:

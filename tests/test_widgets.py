@@ -38,6 +38,7 @@ from kaas_magic import widgets
 from kaas_magic.record import RunRecord, Timings
 from kaas_magic.widgets import (
     STATES,
+    DisplaySurface,
     RunView,
     display_data,
     format_duration,
@@ -372,6 +373,7 @@ def ticker(monkeypatch):
     monkeypatch.setattr(widgets, "_ticker", ticker)
     monkeypatch.setattr(widgets, "TICK_SECONDS", 0.02)
     monkeypatch.setattr(widgets, "TICK_AFTER_SECONDS", 0.05)
+    monkeypatch.setattr(widgets, "TICKER_LINGER_SECONDS", 0.1)
     return ticker
 
 
@@ -409,6 +411,18 @@ def test_the_count_starts_when_the_view_is_made_so_it_includes_the_wait_for_the_
     view.update("starting", RunRecord(call_id="", target="cpu", waiting_for="starting the pool"))
     (shown,) = elapsed_shown(widget.values)
     assert 0.3 <= shown < 30
+
+
+def test_the_ticker_thread_outlives_its_views_a_while_so_cells_in_a_row_share_it(ticker, monkeypatch):
+    monkeypatch.setattr(widgets, "TICKER_LINGER_SECONDS", 60.0)
+    first = RunView(FakeWidget(), FakeHandle())
+    thread = ticker._thread
+    first.update("done", make_record())
+    time.sleep(0.1)  # five ticks without a live view
+    assert ticker.running
+    second = RunView(FakeWidget(), FakeHandle())  # the next cell's: no new thread
+    assert ticker._thread is thread
+    second.update("done", make_record())
 
 
 def test_a_view_is_not_ticked_in_its_first_moments(ticker, monkeypatch):
@@ -575,6 +589,54 @@ def test_a_state_reported_after_the_first_moments_is_sent_at_once(shown, monkeyp
     time.sleep(0.1)
     view.update("running", make_record(timings=Timings()))
     assert len(calls) == 2 and "kaas-state-running" in calls[-1]["text/html"]
+
+
+class DeferredHandle(FakeHandle):
+    """A display not shown until its first update (ViewDisplay.open with defer)."""
+
+    shown = False
+
+    def update(self, obj, *, raw=False):
+        super().update(obj, raw=raw)
+        self.shown = True
+
+
+def test_a_deferred_view_of_a_quick_call_is_one_message_its_final_record(monkeypatch):
+    monkeypatch.setattr(widgets, "SHOW_AFTER_SECONDS", 60.0)
+    handle = DeferredHandle()
+    view = RunView(DisplaySurface(handle), handle)
+    for state in ("queued", "sending", "receiving"):  # the caller's own states: not shown
+        view.update(state, make_record(timings=Timings()))
+    assert handle.updates == []
+    view.update("done", make_record())
+    assert len(handle.updates) == 1 and "kaas-state-done" in handle.updates[0]["text/html"]
+
+
+def test_a_deferred_view_is_shown_at_the_workers_first_state_before_the_calls_output(monkeypatch):
+    """The worker's first state comes before anything the call prints (call_stream): the
+    view shows itself then, so it stays above the cell's output."""
+    monkeypatch.setattr(widgets, "SHOW_AFTER_SECONDS", 60.0)
+    handle = DeferredHandle()
+    view = RunView(DisplaySurface(handle), handle)
+    view.update("sending", make_record(timings=Timings()))
+    assert handle.updates == []
+    view.update("running", make_record(timings=Timings()))
+    assert len(handle.updates) == 1 and "kaas-state-running" in handle.updates[0]["text/html"]
+    view.update("running", make_record(timings=Timings()))  # shown: no more before SHOW_AFTER_SECONDS
+    view.update("done", make_record())
+    assert len(handle.updates) == 2 and "kaas-state-done" in handle.updates[-1]["text/html"]
+
+
+def test_view_display_ids_are_unique_and_fall_back_to_ipythons_display(shown):
+    """Outside ipykernel's own publisher (here a fake shell), the view goes through
+    IPython's display() with an id of kaas's own, shown at once even when deferred."""
+    from kaas_magic.widgets import ViewDisplay
+
+    shell, calls = shown
+    first, second = ViewDisplay(shell), ViewDisplay(shell)
+    assert first.display_id != second.display_id and first.display_id.startswith("kaas-")
+    first.open(lambda: {"text/plain": "x"}, defer=True)
+    assert calls == [{"text/plain": "x"}] and first.shown
 
 
 def test_no_inline_view_in_a_terminal_shell(monkeypatch):

@@ -92,6 +92,28 @@ class Session:
         """(bytes used, bytes total) of the device, where the backend can tell."""
         return None, self.offer.detail.get("memory_total")
 
+    # -- arrays kept by another backend on the same physical device (see worker.convert) --
+
+    def is_own_array(self, value: Any) -> bool:
+        """Whether ``value`` is an array of this backend already (nothing to convert)."""
+        return False
+
+    def from_dlpack(self, value: Any) -> Any:
+        """``value``, an array of another backend on this session's physical device, as an
+        array of this backend through DLPack (``__dlpack__``), sharing its memory where the
+        framework can; raises where the framework refuses it (a dtype, strides)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no DLPack arrays")
+
+    def device_copy(self, value: Any) -> Any:
+        """A compact copy of this backend's array ``value`` made on its own device (so that
+        another backend can take it through DLPack); None where the backend cannot."""
+        return None
+
+    def data_pointer(self, value: Any) -> int | None:
+        """The address of the first element of this backend's array ``value``; None when
+        it is not one or the framework does not say."""
+        return None
+
     def release_cached_memory(self) -> None:
         """Give memory a pool holds for reuse back to the device (after running out)."""
 

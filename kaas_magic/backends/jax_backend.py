@@ -128,6 +128,29 @@ class JaxSession(Session):
         stats = self._device.memory_stats() or {}
         return stats.get("bytes_in_use"), stats.get("bytes_limit")
 
+    def is_own_array(self, value: Any) -> bool:
+        jax = _import_jax()
+        return isinstance(value, jax.Array)
+
+    def from_dlpack(self, value: Any) -> Any:
+        # Zero-copy where XLA can use the buffer as it is (on XLA:CPU: 64-byte aligned,
+        # compact strides, a dtype JAX holds); otherwise XLA copies it on the device.
+        jax = _import_jax()
+        return jax.dlpack.from_dlpack(value, device=self._device)
+
+    def device_copy(self, value: Any) -> Any:
+        jax = _import_jax()
+        return jax.numpy.array(value, copy=True) if isinstance(value, jax.Array) else None
+
+    def data_pointer(self, value: Any) -> int | None:
+        jax = _import_jax()
+        if not isinstance(value, jax.Array):
+            return None
+        try:
+            return value.unsafe_buffer_pointer()
+        except Exception:  # sharded over several devices, or deleted
+            return None
+
     def to_host(self, value: Any) -> Any:
         jax = _import_jax()
         import numpy

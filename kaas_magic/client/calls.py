@@ -33,8 +33,10 @@ from ..errors import (
 )
 from ..handles import handles_in
 from ..protocol import CELL_VALUE, CallRequest, ErrorInfo, Op, Reply
-from ..record import RunRecord, Timings
+from ..record import RunRecord
 from ..stopping import REPLY_MARGIN_S, check_call_options, check_count, max_timeout
+from .cell_inputs import CellInputs
+from .clock import CallClock
 
 
 @dataclass
@@ -127,7 +129,7 @@ class CallPath:
         started_wall = time.time() - (time.perf_counter() - t_start)
         call_id = f"{self.client_id[:16]}-{next(self.counter)}"  # unique across clients and hosts
         record = RunRecord(call_id=call_id, target=target, started_at=started_wall)
-        clock = _Clock(t_start, self.ready_at, watch)
+        clock = CallClock(t_start, self.ready_at, watch)
         log_mark = pool_log.mark()  # the pool's warnings during this call become one note
         user_report = progress or _ignore
 
@@ -211,6 +213,7 @@ class CallPath:
         if reply["device"]:
             self.devices[message["service"], record.worker] = reply["device"]
         record.kernels = dict(reply["kernels"])
+        record.add_conversions(reply.get("conversions"))  # kept buffers of another backend (worker.convert)
         record.cold = record.cold or reply["timings"]["warm_wait"] > 0.001
         record.outputs = tuple(result_outputs)
         record.ok = bool(reply["ok"])
@@ -233,7 +236,7 @@ class CallPath:
         return device
 
     def _send(self, message: CallRequest, record: RunRecord, report, where: tuple, inputs: dict, retries: int,
-              stdout: TextIO, stderr: TextIO, clock: "_Clock"):
+              stdout: TextIO, stderr: TextIO, clock: CallClock):
         """Send the call and wait for its reply; on a worker lost under it, route the call
         again (``retries`` times: ``where`` is its target, backend, fallback and worker).
         The record follows the worker."""
@@ -386,112 +389,6 @@ class CallPath:
                                f"within 1.5 s: it stops it, or is replaced, by itself)")
 
 
-class CellInputs:
-    """What Pool.run_cell sends: ``names``, or the names the cell reads that ``namespace``
-    defines, less ``exclude`` and the names the routed backend injects (``xp``, ``device``
-    ...). Routing needs the inputs (a call goes where its kept data is) before the backend
-    is known: it sees every candidate, then :meth:`for_backend` drops the injected ones."""
-
-    def __init__(self, code: str, namespace: dict, names, exclude, filename: str | None, line_offset: int):
-        from ..cellcode import analyse
-
-        self.explicit = names is not None
-        if names is None:
-            reads = analyse(code, filename or "<kaas-cell>", line_offset).reads
-            skip = set(exclude)
-            self.names = [n for n in sorted(reads) if n in namespace and n not in skip]
-        else:
-            self.names = list(names)
-            missing = [n for n in self.names if n not in namespace]
-            if missing:
-                raise KaasError(f"--in names variables that are not defined: {', '.join(missing)}")
-        # Their values now: a call in the background sends what the cell saw when it started.
-        self.values = {n: namespace[n] for n in self.names}
-
-    def candidates(self) -> dict:
-        return dict(self.values)
-
-    def for_backend(self, backend: str) -> dict:
-        if self.explicit:
-            return self.candidates()
-        from .. import backends
-
-        injected = set(backends.injected_names(backend))
-        return {n: v for n, v in self.values.items() if n not in injected}
-
-
-class _Clock:
-    """One call's phase marks, and the record's Timings from them for every ending: the
-    phases always add up to the call's total (see record.Timings.balanced)."""
-
-    def __init__(self, t_start: float, pool_ready_at: float, watch=None):
-        self.t_start = t_start
-        self.watch = watch
-        now = time.perf_counter()
-        # The part of the caller's wait that came before the pool was usable.
-        self.startup = max(0.0, min(pool_ready_at, now) - t_start)
-        self.state = "queued"
-        self.t_routed = self.t_serialized = self.t_sent = None
-        self.route_wait = 0.0
-        self._t_route_from = now
-
-    def routed(self, waited: bool) -> None:
-        self.t_routed = time.perf_counter()
-        if waited:  # waiting for a warm worker is startup, not queueing
-            self.route_wait = self.t_routed - self._t_route_from
-
-    def serialized(self) -> None:
-        self.t_serialized = time.perf_counter()
-
-    def sent(self, record: RunRecord) -> None:
-        self.t_sent = time.perf_counter()
-        if self.watch is not None:  # a future's: it can now stop the call on its worker
-            self.watch("sent", record)
-
-    def cut_short(self, t_end: float) -> Timings:
-        """A call that ended without a reply (interrupted, timed out, its worker lost, bad
-        input): the phases it went through, the rest to the phase it was in."""
-        parts = {"startup": self.startup + self.route_wait}
-        if self.t_routed is not None:
-            parts["queue"] = self.t_routed - self.t_start - parts["startup"]
-        if self.t_serialized is not None:
-            parts["transfer_in"] = self.t_serialized - self.t_routed
-        if self.t_sent is not None:
-            parts["transfer_in"] += self.t_sent - self.t_serialized
-        return Timings.balanced(parts, t_end - self.t_start, rest=_PHASE_OF_STATE.get(
-            self.state if self.t_sent is None or self.state != "sending" else "running", "queue"))
-
-    def replied(self, reply: Reply, sent_at: float, t_received: float, t_end: float,
-                deserialize_time: float) -> Timings:
-        """Where the time went. On one host the wall clocks agree, so the wire time of each
-        direction is measured; across hosts it is split evenly."""
-        w = reply["timings"]
-        t_routed = self.t_routed if self.t_routed is not None else self.t_start
-        t_serialized = self.t_serialized if self.t_serialized is not None else t_routed
-        worker_span = max(0.0, reply["replied_at"] - reply["received_at"])
-        worker_phases = w["warm_wait"] + w["queue"] + w["setup"] + w["execute"] + w["to_host"]
-        wire = max(0.0, (t_received - t_serialized) - worker_span)
-        if reply["host"] == _hostname():
-            wire_in = min(wire, max(0.0, reply["received_at"] - sent_at))
-        else:
-            wire_in = wire / 2
-        startup = self.startup + self.route_wait
-        parts = {
-            "startup": startup + w["warm_wait"],
-            "queue": (t_routed - self.t_start - startup) + w["queue"] + max(0.0, worker_span - worker_phases),
-            "transfer_in": (t_serialized - t_routed) + wire_in,
-            "setup": w["setup"],
-            "execute": w["execute"],
-            "transfer_out": w["to_host"] + (wire - wire_in) + deserialize_time,
-        }
-        return Timings.balanced(parts, t_end - self.t_start, rest="queue")
-
-
-# The phase a call that ended early was in, by its last reported state.
-_PHASE_OF_STATE = {"starting": "startup", "queued": "queue", "sending": "transfer_in", "running": "execute",
-                   "compiling": "setup", "receiving": "transfer_out"}
-
-
 def _refused_as_retiring(reply: Reply) -> bool:
     """A worker being retired by autoscaling refused the call without running it."""
     error = reply.get("error") if not reply.get("ok") else None
@@ -560,16 +457,6 @@ def _deserialize_outputs(outputs: Mapping[str, Any]):
         except Exception as e:
             skipped[name] = f"could not be rebuilt in the notebook ({type(e).__name__}: {e})"
     return values, total, skipped
-
-
-_HOST = None
-
-
-def _hostname() -> str:
-    global _HOST
-    if _HOST is None:
-        _HOST = socket.gethostname()
-    return _HOST
 
 
 def _ignore(state: str, record: RunRecord) -> None:

@@ -10,7 +10,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TextIO
 
 from .. import config as kaas_config
-from .. import fastlink
+from .. import fastlink, shared_frames
 from .. import pool_log as _pool_log
 from ..errors import PoolNotRunning
 from ..fastlink import Links
@@ -19,7 +19,8 @@ from ..protocol import FETCH_HANDLE, FETCH_VALUE, PUT_KEPT, PUT_VALUE, CallReque
 from ..record import RunRecord
 from ..targets import Service
 from . import cluster as _cluster
-from .calls import CallPath, CellInputs, RunResult, _transfer_limits
+from .calls import CallPath, RunResult, _transfer_limits
+from .cell_inputs import CellInputs
 from .futures import Background, KaasFuture
 from .control import ControlPlane
 from .kept import KeptData
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
 # Pool.run's options, as CallPath.run takes them (a call in the background passes them on).
 _RUN_DEFAULTS = dict(backend=None, fallback=None, worker=None, stdout=None, stderr=None, keep=False, progress=None,
                      timeout=None, retries=0, value=True)
+
+
+def _start_time(started: float | None) -> float:
+    """When the caller began waiting: ``started`` (a perf_counter() the module functions
+    take before starting the pool), else now."""
+    return time.perf_counter() if started is None else started
 
 
 class Pool:
@@ -60,6 +67,7 @@ class Pool:
         self._background = Background(lambda record: self._control.cancel(record.worker, record.call_id))
         max_value, max_message = _transfer_limits()
         fastlink.set_limits(max_value + 2**20, max_message + 2**24)
+        shared_frames.configure(*(kaas_config.get(f"transfer.shared-memory-{k}") for k in ("threshold", "keep", "idle")))
         self._closed = False
         self._control.start()
         self._register_plugin()
@@ -173,8 +181,7 @@ class Pool:
         whose ``result()`` is what this call would return (or raises its error), whose
         ``record`` is the call's record, and whose ``cancel()`` stops the remote call.
         """
-        t_start = time.perf_counter() if started is None else started
-        self._check_usable()
+        t_start = _start_time(started)
 
         def call(watch=None) -> RunResult:
             return self._calls.run(code, target, inputs, outputs, filename, line_offset, self._registry.registered,
@@ -182,7 +189,7 @@ class Pool:
                                    stderr=stderr, keep=keep, progress=progress, timeout=timeout, retries=retries,
                                    value=value, watch=watch)
 
-        return call() if block else self._background.submit(call)
+        return self._now_or_in_background(call, block)
 
     def run_cell(
         self,
@@ -200,16 +207,14 @@ class Pool:
         Inputs default to the names the cell reads that ``namespace`` defines, except the
         names the backend injects (``xp``, ``device`` ...) and those in ``exclude``.
         """
-        started = options.pop("started", None)
+        t_start = _start_time(options.pop("started", None))
         block = options.pop("block", True)
-        t_start = time.perf_counter() if started is None else started
         # The variables as they are now (a call in the background reads them later).
         chosen = CellInputs(code, namespace, inputs, exclude, options.get("filename"), options.get("line_offset", 0))
         if block:
             result = self.run(code, target, inputs=chosen, outputs=outputs, started=t_start, **options)
             namespace.update(result.outputs)
             return result
-        self._check_usable()
 
         def call(watch=None) -> RunResult:  # its outputs assigned when it finishes
             result = self._calls.run(code, target, chosen, outputs, options.pop("filename", None),
@@ -218,7 +223,13 @@ class Pool:
             namespace.update(result.outputs)
             return result
 
-        return self._background.submit(call)
+        return self._now_or_in_background(call, block=False)
+
+    def _now_or_in_background(self, call: Callable[..., Any], block: bool) -> Any:
+        """``call(watch=None)`` now, or (``block=False``) in the background: then it returns
+        at once a KaasFuture, whose ``watch`` the call is given (see futures.Background)."""
+        self._check_usable()
+        return call() if block else self._background.submit(call)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -300,15 +311,14 @@ class Pool:
         result as host values (``keep=True``: as handles to device buffers). Arguments are
         checked against the signature before launch; handles among them are used in place.
         ``retries``, ``started`` and ``block`` as for :meth:`run`."""
-        t_start = time.perf_counter() if started is None else started
-        self._check_usable()
+        t_start = _start_time(started)
 
         def call(watch=None) -> Any:
             return self._registry.call(self._calls.submit, name, args, kwargs, target=target, backend=backend,
                                        fallback=fallback, keep=keep, timeout=timeout, retries=retries,
                                        t_start=t_start, watch=watch)
 
-        return call() if block else self._background.submit(call)
+        return self._now_or_in_background(call, block)
 
     def map(self, fn_or_code: str, iterable, *, ordered: bool = True, return_exceptions: bool = False,
             batch_size: int | None = None, max_in_flight: int | None = None, progress: bool | None = None,

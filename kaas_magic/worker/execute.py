@@ -34,6 +34,7 @@ from ..isolation import report_state
 from ..protocol import CallRequest, ErrorInfo, Reply, Timings
 from ..stopping import RunningCall, StopCall, stop_error
 from . import display as _display
+from .convert import convert
 from .kernel_library import KernelLibrary
 from .kernel_namespace import KernelNamespace
 
@@ -58,6 +59,7 @@ class Executor:
         outputs: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         kept: dict[str, Any] = {}
+        conversions: list[dict] = []  # kept buffers of another backend converted (see convert)
         error = None
         kernels = None
         client = msg.get("client", "")
@@ -68,7 +70,7 @@ class Executor:
             report_state("running")
             with session.activate():
                 kernels = KernelNamespace(self.library, session, msg.get("kernels") or (), self.worker)
-                namespace, module, code = self._namespace(session, msg, call, kernels, client)
+                namespace, module, code = self._namespace(session, msg, call, kernels, client, conversions)
                 t1 = time.perf_counter()
                 timings["setup"] = t1 - t0
                 try:
@@ -89,10 +91,12 @@ class Executor:
         if error is not None:  # a failed call keeps nothing
             self.buffers.free(client, [m["id"] for v in kept.values() for m in (v if isinstance(v, list) else [v])])
             kept = {}
-        return protocol.reply(error, timings, outputs, skipped, kept, kernels.states if kernels else {})
+        return protocol.reply(error, timings, outputs, skipped, kept, kernels.states if kernels else {},
+                              conversions=conversions)
 
     def _namespace(self, session: Session, msg: CallRequest, call: RunningCall, kernels: KernelNamespace,
-                   client: str) -> tuple[dict, types.ModuleType | None, types.CodeType | None]:
+                   client: str, conversions: list | None = None
+                   ) -> tuple[dict, types.ModuleType | None, types.CodeType | None]:
         """The names the call runs with: for a cell, its module's namespace with the
         session's names, ``kernels`` and ``to_device``; then the inputs, handles resolved."""
         module = code = None
@@ -108,7 +112,7 @@ class Executor:
         else:  # an operation of kaas's own: its inputs by name, nothing else
             namespace = {}
         for name, packed in msg["inputs"].items():
-            namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session)
+            namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session, name, conversions)
         return namespace, module, code
 
     @staticmethod
@@ -220,18 +224,31 @@ class Executor:
 
     # -- data kept on the device between calls --
 
-    def _resolve_handles(self, value: Any, client: str, session: Session) -> Any:
-        """Inputs that are handles become the kept device buffers they name, in place."""
+    def _resolve_handles(self, value: Any, client: str, session: Session, name: str = "",
+                         conversions: list | None = None) -> Any:
+        """Inputs that are handles become the kept device buffers they name, in place. A
+        buffer kept by another backend (session) becomes this session's array on the worker,
+        through DLPack where it can (see convert; each conversion added to ``conversions``);
+        one kept on another physical device is refused, naming the variable."""
 
         def resolve(v: Any) -> Any:
             if not isinstance(v, HandleRef):
                 return v
             kept = self.buffers.get(client, v.id)
-            if kept.device_id != session.device_id:  # kept on another device of this worker
+            if kept.device_id == session.device_id:
+                return kept.value
+            source = self._session_of(kept.device_id)
+            if source is None:  # its session is gone (cannot happen while the worker lives)
                 return self.to_host(kept.value, session)
-            return kept.value
+            value, conversion = convert(kept.value, name, source, session)
+            if conversion is not None and conversions is not None:
+                conversions.append(conversion)
+            return value
 
         return map_containers(value, resolve)
+
+    def _session_of(self, device_id: str) -> Session | None:
+        return next((s for s in list(self.sessions.values()) if s.device_id == device_id), None)
 
     def _keep(self, value: Any, client: str, session: Session) -> dict | list:
         if isinstance(value, (list, tuple)):
@@ -269,6 +286,7 @@ class Executor:
         results: list[protocol.BatchItem] = []
         error = None
         kernels = None
+        conversions: list[dict] = []
         client = msg.get("client", "")
         kernel = msg.get("kernel")
         t1 = None
@@ -283,7 +301,7 @@ class Executor:
                 t1 = time.perf_counter()
                 timings["setup"] = t1 - t0
                 try:
-                    self._run_batch(session, msg, call, client, items, run_item, results)
+                    self._run_batch(session, msg, call, client, items, run_item, results, conversions)
                 finally:
                     _display.end_call(render=call.reason is None)  # figures left open: shown, closed
         except BaseException as e:  # a stop, or a failure of what the items share
@@ -298,7 +316,8 @@ class Executor:
         if error is None and call.reason is not None and len(results) < len(items):
             error = self._error(StopCall(), session, msg, call)
         results.extend({"ok": False, "not_run": True} for _ in range(len(items) - len(results)))
-        return protocol.reply(error, timings, {protocol.BATCH_RESULTS: results}, kernels=kernels.states if kernels else {})
+        return protocol.reply(error, timings, {protocol.BATCH_RESULTS: results},
+                              kernels=kernels.states if kernels else {}, conversions=conversions)
 
     def _batch_code(self, session: Session, msg: CallRequest, kernels: KernelNamespace):
         """A code batch's item runner: the code compiled once (its final expression's value
@@ -323,7 +342,7 @@ class Executor:
         return run_item
 
     def _run_batch(self, session: Session, msg: CallRequest, call: RunningCall, client: str, items: list,
-                   run_item, results: list) -> None:
+                   run_item, results: list, conversions: list | None = None) -> None:
         """The items in turn, each result packed into ``results`` (see execute_batch)."""
         sent = 0
         resolve, unpack, to_host, dumps, nbytes = (self._resolve_handles, self._unpack, self.to_host, serial.dumps,
@@ -332,7 +351,8 @@ class Executor:
             if call.reason is not None:
                 return
             try:
-                inputs = {name: resolve(unpack(name, p), client, session) for name, p in packed_inputs.items()}
+                inputs = {name: resolve(unpack(name, p), client, session, name, conversions)
+                          for name, p in packed_inputs.items()}
                 call.enter_user_code()
                 try:
                     (value,) = session.download([run_item(inputs)])

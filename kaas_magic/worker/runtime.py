@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any, cast
 
-from .. import backends, compile_cache, fastlink, isolation, protocol
+from .. import backends, compile_cache, fastlink, isolation, protocol, shared_frames
 from .. import config as kaas_config
 from ..backends.base import Offer, Session
 from ..buffer_store import BufferStore
@@ -61,6 +61,7 @@ class WorkerRuntime:
         max_value_bytes = int(kaas_config.get("transfer.max-bytes", config) or 2**31)
         max_message_bytes = int(kaas_config.get("transfer.max-message-bytes", config) or 2**32)
         fastlink.set_limits(max_value_bytes + 2**20, max_message_bytes + 2**24)
+        shared_frames.configure(*(kaas_config.get(f"transfer.shared-memory-{k}", config) for k in ("threshold", "keep", "idle")))
         # Before any framework is imported: their on-disk caches go in the kaas cache folder.
         compile_cache.prepare_environment(config)
         _keep_buffers_in_the_heap()

@@ -1,0 +1,357 @@
+"""Large arrays through shared memory on same-host links (shared_frames + fastlink): the
+bytes arrive intact and in place, segments are reused only once given back, a peer cannot
+pass memory that can be pulled from under the reader, and nothing is left behind when a
+notebook or a worker is killed in the middle of a transfer."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kaas_magic import fastlink, serial, shared_frames
+from kaas_magic.client import Pool
+from kaas_magic.errors import KaasError
+from kaas_magic.shared_frames import SharedFrames
+
+MiB = 2**20
+
+
+def memfds(pid: int | str = "self") -> tuple[int, int]:
+    """kaas's shared-memory segments a process holds: (open descriptors, mappings)."""
+    fds = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds += "memfd:kaas-frame" in os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:  # closed while listing
+            pass
+    with open(f"/proc/{pid}/maps") as maps:
+        mappings = sum("memfd:kaas-frame" in line for line in maps)
+    return fds, mappings
+
+
+def dev_shm() -> set[str]:
+    """Named shared memory. (Semaphores, ``sem.*``, are left out: a worker Dask's nanny
+    restarts makes multiprocessing locks there, which are not memory.)"""
+    return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
+
+
+class Pair:
+    """Two ends of a same-host link, each with its shared-memory state, as fastlink sets them up."""
+
+    def __init__(self) -> None:
+        self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (self.a, self.b):
+            fastlink.tune(s)
+            s.settimeout(30)  # a test that goes wrong fails, never hangs
+        self.shared_a, self.shared_b = SharedFrames(), SharedFrames()
+        self.reader_a, self.reader_b = fastlink._Reader(self.a, self.shared_a), fastlink._Reader(self.b, self.shared_b)
+
+    def a_to_b(self, message):
+        return self._across(self.a, self.shared_a, self.reader_b, message)
+
+    def b_to_a(self, message):
+        return self._across(self.b, self.shared_b, self.reader_a, message)
+
+    @staticmethod
+    def _across(sock, shared, reader, message):
+        # The send in a thread of its own: a message larger than the socket's buffers
+        # blocks its sender until the other end reads.
+        sender = threading.Thread(target=fastlink._send, args=(sock, message, shared))
+        sender.start()
+        try:
+            return fastlink._decode(reader.message())
+        finally:
+            sender.join(30)
+
+    def close(self) -> None:
+        for reader in (self.reader_a, self.reader_b):
+            reader.close()
+        self.shared_a.close()
+        self.shared_b.close()
+        self.a.close()
+        self.b.close()
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def _warm(shared: SharedFrames, nbytes: int, timeout: float = 10) -> None:
+    """Wait until ``shared`` has a free segment for ``nbytes`` (made in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with shared._lock:
+            if any(nbytes <= s.size for s in shared._free):
+                return
+        time.sleep(0.01)
+    raise AssertionError("no segment was made in the background")
+
+
+def test_a_large_array_arrives_in_place_and_its_segment_is_reused_only_after_release(pair):
+    x = np.random.default_rng(0).random(2 * MiB // 8)
+    first = pair.a_to_b({"x": serial.dumps(x)})  # no segment yet: the socket, and one is made
+    assert pair.shared_a.sent == 0 and np.array_equal(serial.loads(first["x"]), x)
+    _warm(pair.shared_a, x.nbytes)
+    got = serial.loads(pair.a_to_b({"x": serial.dumps(x)})["x"])
+    assert pair.shared_a.sent == 1 and pair.shared_b.received == 1
+    assert np.array_equal(got, x)
+    (segment,) = pair.shared_b._peer.values()
+    start = np.frombuffer(segment.mapping, np.uint8, count=1).ctypes.data
+    assert got.ctypes.data == start  # a view of the segment, not a copy
+    view = got[10:20]
+    del got
+    gc.collect()
+    # Still viewed through a slice: not given back, and the sender has nothing free.
+    assert pair.shared_b.take_returns() == [] and not pair.shared_a._free
+    y = x * 2
+    pair.a_to_b({"y": serial.dumps(y)})  # the segment is lent: this goes through the socket
+    assert pair.shared_a.sent == 1 and np.array_equal(view, x[10:20])  # the view was not overwritten
+    del view
+    gc.collect()
+    pair.b_to_a({"ack": 1})  # the notice of release rides on the next message back
+    assert len(pair.shared_a._free) >= 1
+    again = serial.loads(pair.a_to_b({"y": serial.dumps(y)})["y"])
+    assert pair.shared_a.sent == 2 and np.array_equal(again, y)
+
+
+def test_results_come_home_through_shared_memory_too(pair):
+    x = np.arange(3 * MiB // 4, dtype=np.float32)
+    pair.b_to_a({"r": serial.dumps(x)})
+    _warm(pair.shared_b, x.nbytes)
+    home = serial.loads(pair.b_to_a({"r": serial.dumps(x)})["r"])
+    assert pair.shared_b.sent == 1 and pair.shared_a.received == 1 and np.array_equal(home, x)
+    home[0] = -1  # writable, and this side's own: the sender's array is untouched
+    assert x[0] == 0
+
+
+def test_small_frames_and_remote_links_stay_on_the_socket(pair):
+    small = np.ones(1000)
+    for _ in range(3):
+        assert np.array_equal(serial.loads(pair.a_to_b({"s": serial.dumps(small)})["s"]), small)
+    assert pair.shared_a.sent == 0 and not pair.shared_a._own
+    tcp = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(tcp.getsockname())
+    try:
+        server, _ = tcp.accept()
+        x = np.ones(2 * MiB // 8)
+        fastlink._send(client, {"x": serial.dumps(x)})  # TCP: no shared state at all
+        assert np.array_equal(serial.loads(fastlink._decode(fastlink._Reader(server).message())["x"]), x)
+        server.close()
+    finally:
+        client.close()
+        tcp.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.sampled_from([0, 1, 1000, MiB - 1, MiB, MiB + 1, 2 * MiB + 3, 5 * MiB]), min_size=1, max_size=6),
+       dtype=st.sampled_from(["uint8", "float32", "complex128", "int16"]))
+def test_any_mix_of_arrays_arrives_intact_in_order(pair, sizes, dtype):
+    itemsize = np.dtype(dtype).itemsize
+    arrays = [np.frombuffer(np.random.default_rng(n).bytes(n - n % itemsize), dtype) for n in sizes]
+    message = {f"v{i}": serial.dumps(a) for i, a in enumerate(arrays)}
+    for _ in range(2):  # the second time, warm segments carry the large ones
+        got = pair.a_to_b(message)
+        assert [serial.loads(got[f"v{i}"]).tobytes() for i in range(len(arrays))] == [a.tobytes() for a in arrays]
+        back = pair.b_to_a({k: serial.dumps(serial.loads(v)) for k, v in got.items()})
+        assert [serial.loads(back[f"v{i}"]).tobytes() for i in range(len(arrays))] == [a.tobytes() for a in arrays]
+        del got, back
+        gc.collect()
+
+
+def _unsealed_memfd(size: int) -> int:
+    fd = os.memfd_create("kaas-frame", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _send_raw(sock: socket.socket, words: list[int], fds: list[int], payload: bytes = b"") -> None:
+    import array
+    import struct
+
+    header = struct.pack(f"<{len(words)}Q", *words)
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([header + payload], ancillary)
+
+
+@pytest.mark.parametrize("case", ["unsealed", "too small", "not a file", "no descriptor"])
+def test_a_peer_cannot_pass_memory_that_can_fail_under_the_reader(pair, case):
+    head = b"\x80\x05N."  # pickle of None
+    size = 2 * MiB
+    keep = None
+    if case == "unsealed":
+        fds = [_unsealed_memfd(size)]
+    elif case == "too small":
+        keep = shared_frames._make(MiB)
+        fds = [keep.fd]
+    elif case == "not a file":
+        r, w = os.pipe()
+        os.close(w)
+        fds = [r]
+    else:
+        fds = []
+    _send_raw(pair.a, [2, len(head), size | fastlink.SHARED], fds, head)
+    try:
+        with pytest.raises(ValueError, match="descriptor|segment|shrink"):
+            pair.reader_b.message()
+        assert memfds()[1] == 0 or keep is not None  # nothing of the peer's was mapped
+    finally:
+        if keep is not None:
+            keep.unmap()
+        else:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_segments_go_when_the_link_closes_and_after_their_last_view():
+    before = memfds()
+    p = Pair()
+    x = np.ones(4 * MiB // 8)
+    p.a_to_b({"x": serial.dumps(x)})
+    _warm(p.shared_a, x.nbytes)
+    kept = serial.loads(p.a_to_b({"x": serial.dumps(x)})["x"])
+    assert memfds()[1] > before[1]
+    p.close()
+    gc.collect()
+    assert np.array_equal(kept, x)  # the data outlives the link while it is viewed
+    del kept
+    gc.collect()
+    assert memfds() == before
+
+
+def test_idle_segments_are_given_back_to_the_system(pair, monkeypatch):
+    x = np.ones(2 * MiB // 8)
+    pair.a_to_b({"x": serial.dumps(x)})
+    _warm(pair.shared_a, x.nbytes)
+    home = serial.loads(pair.a_to_b({"x": serial.dumps(x)})["x"])
+    del home
+    gc.collect()
+    pair.b_to_a({"ack": 1})  # gives the segment back
+    assert pair.shared_a._free and pair.shared_b._peer
+    monkeypatch.setitem(shared_frames._settings, "idle", 0.0)
+    time.sleep(0.01)
+    for shared in (pair.shared_a, pair.shared_b):
+        shared.trim()
+    assert not pair.shared_a._own and not pair.shared_b._peer
+    assert memfds() == (0, 0)
+
+
+# --- a real pool: kill -9 in the middle of transfers ---
+
+
+@pytest.fixture(scope="module")
+def spool():
+    pool = Pool.start(1)
+    pool.wait_ready(timeout=240)
+    yield pool
+    pool.close()
+
+
+def _worker_pid(pool: Pool) -> int:
+    return next(iter(pool.client.run(os.getpid).values()))
+
+
+def _eventually(check, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        gc.collect()
+        time.sleep(0.1)
+
+
+def test_a_pool_call_moves_large_arrays_through_shared_memory(spool):
+    x = np.random.default_rng(1).random(8 * MiB // 8)
+    for _ in range(3):  # the first call warms a segment on each side
+        y = spool.run("y = x * 1", "cpu", inputs={"x": x}, stdout=None)["y"]
+        assert np.array_equal(y, x)
+    link = spool._links._idle[next(iter(spool._links._idle))][-1]
+    assert link.shared.sent >= 1 and link.shared.received >= 1
+
+
+_NOTEBOOK = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from kaas_magic import fastlink, serial
+    endpoint, request = json.loads(sys.argv[1])
+    x = np.random.default_rng(2).random(32 * 2**20 // 8)
+    link = fastlink.Link(endpoint, None)
+    for i in range(10_000):
+        link.send({**request, "call_id": f"doomed-{i}", "inputs": {"x": serial.dumps(x)}})
+        reply = link.receive()
+        assert serial.loads(reply["outputs"]["y"])[-1] == x[-1]
+        if i == 2:
+            print("warm", flush=True)
+""")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("delay", [0.0, 0.013, 0.05, 0.21])
+def test_killing_the_notebook_mid_transfer_leaves_nothing_on_the_worker(spool, delay):
+    pid = _worker_pid(spool)
+    before, shm_before = memfds(pid), dev_shm()  # (this test's own pool client has segments there too)
+    _, service, _ = spool.route("cpu")
+    worker = spool.routes()[0].address
+    request = {"code": "y = x", "filename": "<t>", "line_offset": 0, "outputs_explicit": True, "kernels": [],
+               "service": service.resource, "outputs": ["y"], "client": "doomed", "timeout": None, "keep": False,
+               "progress": False, "free": []}
+    notebook = subprocess.Popen([sys.executable, "-c", _NOTEBOOK, json.dumps([spool._endpoint(worker), request])],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert notebook.stdout.readline().strip() == "warm"
+        assert memfds(pid)[1] > before[1]  # the transfers use shared memory
+        time.sleep(delay)
+        notebook.send_signal(signal.SIGKILL)
+        notebook.wait()
+    finally:
+        notebook.kill()
+    _eventually(lambda: memfds(pid) == before, 20, f"the worker still holds segments: {memfds(pid)}, before {before}")
+    assert dev_shm() == shm_before
+    assert spool.run("z = 1", "cpu", stdout=None)["z"] == 1  # and it goes on
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.2])
+def test_killing_the_worker_mid_transfer_leaves_nothing_in_the_notebook(spool, delay):
+    spool.wait_ready(timeout=240)
+    x = np.random.default_rng(3).random(32 * MiB // 8)
+    for _ in range(2):
+        spool.run("y = x", "cpu", inputs={"x": x}, stdout=None)
+    gc.collect()
+    before, shm_before = memfds(), dev_shm()
+    pid = _worker_pid(spool)
+    failed = threading.Event()
+
+    def transfers() -> None:
+        try:
+            while True:
+                spool.run("y = x", "cpu", inputs={"x": x}, stdout=None)
+        except KaasError:
+            failed.set()
+
+    caller = threading.Thread(target=transfers, daemon=True)
+    caller.start()
+    time.sleep(0.3 + delay)
+    os.kill(pid, signal.SIGKILL)
+    assert failed.wait(60), "the call did not fail when its worker was killed"
+    caller.join(5)
+    spool.wait_ready(timeout=240)
+    _eventually(lambda: memfds()[0] <= before[0] and memfds()[1] <= before[1], 20,
+                f"the notebook holds segments of the killed worker: {memfds()} (before {before})")
+    assert dev_shm() == shm_before
+    assert np.array_equal(spool.run("y = x", "cpu", inputs={"x": x}, stdout=None)["y"], x)
