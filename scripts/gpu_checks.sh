@@ -11,5 +11,5 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi -L
 python3 -c "import cupy, jax; print('cupy', cupy.__version__, 'cuda', cupy.cuda.is_available(), 'jax', jax.__version__, jax.devices())"
-python3 -m pytest tests/test_gpu.py tests/test_cellcode.py tests/test_dlpack.py -rs -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+python3 -m pytest tests/test_gpu.py tests/test_cellcode.py tests/test_dlpack.py tests/test_shared_memory.py -rs -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 timeout 120 python3 -m kaas_magic.cli demo 2>&1 | grep -v "distributed\.\|^  File" | tee "$OUT/demo.log"

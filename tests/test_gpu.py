@@ -120,3 +120,16 @@ def test_cuda_kernel_registered_once_is_loaded_from_disk_by_a_new_session(cache_
     assert again.kernel(spec)[1] == "disk"
     result, how = again.call_kernel(spec, (np.arange(4, dtype=np.float32),), {})
     np.testing.assert_array_equal(again.to_host(result), np.arange(4, dtype=np.float32) * 2)
+
+
+def test_kernel_inputs_from_shared_memory_are_uploaded_pinned(pool):
+    """Large inputs come through shared memory; from a segment's second upload on it is
+    registered with CUDA (page-locked), and results stay right throughout."""
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        a, b = rng.random(2**21, dtype=np.float32), rng.random(2**21, dtype=np.float32)  # 8 MiB each
+        np.testing.assert_allclose(pool.call("vector_add", a, b, target="gpu"), a + b, rtol=1e-6)
+    probe = ("from kaas_magic import shared_frames as sf\n"
+             "pinned = sum(s.pinned for f in list(sf._all) for s in f._peer.values())")
+    worker = pool.last_run().worker
+    assert pool.run(probe, "gpu", worker=worker, stdout=io.StringIO())["pinned"] >= 1

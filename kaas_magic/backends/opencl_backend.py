@@ -176,7 +176,7 @@ class OpenCLSession(Session):
             run=run,
             # An input is only read by this launch: a bare buffer will do, without the
             # Python array object around it (whose making cost more than the copy here).
-            input_pointer=lambda v: v.data if isinstance(v, cl_array.Array) else self._buffer(v),
+            input_pointer=lambda v: v.data if isinstance(v, cl_array.Array) else self._buffer(v, read_only=True),
         )
         return result.get()[0] if spec.post == "sum" else result
 
@@ -220,7 +220,7 @@ class OpenCLSession(Session):
             return cl_array.to_device(self.queue, host)
         return cl_array.Array(self.queue, host.shape, host.dtype, data=self._buffer(host))
 
-    def _buffer(self, value: Any):
+    def _buffer(self, value: Any, read_only: bool = False):
         """A device buffer holding a copy of a host array, or None for an empty one."""
         import numpy
         import pyopencl as cl
@@ -228,15 +228,45 @@ class OpenCLSession(Session):
         host = numpy.ascontiguousarray(value)
         if host.nbytes == 0:  # OpenCL has no empty buffers; a kernel takes None for one
             return None
+        if read_only and self._in_place_ok(host):
+            # The input came through shared memory and is this call's own: a CPU device
+            # reads it where it lies (the buffer holds a reference to it), with no copy.
+            return cl.Buffer(self.context, cl.mem_flags.READ_ONLY | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
         return cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=host)
+
+    def _in_place_ok(self, host: Any) -> bool:
+        """A launch input the device may read in place: on a CPU device (its memory is the
+        host's), a large array that arrived in a shared-memory segment for this call, so no
+        one else's data is reachable through it."""
+        from .. import shared_frames
+
+        if self.physical_device != "cpu" or host.nbytes < max(shared_frames.threshold(), 1):
+            return False
+        return shared_frames.segment_holding(host.ctypes.data) is not None
 
     def download(self, values: list[Any]) -> list[Any]:
         """The copies home are queued behind the kernels and waited for once: a separate
         wait for the kernels first cost one more hand-off with PoCL's threads, each way."""
         import pyopencl.array as cl_array
 
+        from .. import shared_frames
+
+        # Only large ones: a small map costs PoCL more than the copy (kaas bench kernels).
+        in_place = self.physical_device == "cpu" and shared_frames.threshold() > 0
+        smallest = shared_frames.threshold()
+
         def start(v: Any) -> Any:
-            return v.get_async(queue=self.queue)[0] if isinstance(v, cl_array.Array) else v
+            if not isinstance(v, cl_array.Array):
+                return v
+            if in_place and v.flags.c_contiguous and v.nbytes >= smallest:
+                # A CPU device's buffer is host memory: map it rather than copy it out. The
+                # mapped array holds the buffer, which is unmapped and freed when it goes.
+                import pyopencl as cl
+
+                mapped, _ = cl.enqueue_map_buffer(self.queue, v.base_data, cl.map_flags.READ, v.offset,
+                                                  v.shape, v.dtype, is_blocking=False)
+                return mapped
+            return v.get_async(queue=self.queue)[0]
 
         hosts = [try_convert(lambda value: map_containers(value, start), v) for v in values]
         self.queue.finish()
