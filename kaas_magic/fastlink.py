@@ -47,6 +47,8 @@ _TWO = struct.Struct("<QQ")  # the header of a one-frame message: count and leng
 
 
 SHARED = 1 << 63  # a frame length with this bit set: the frame is in the next passed segment
+BACK = 1 << 62  # with SHARED: the frame is in a segment the receiver lent; 16 bytes follow (inode, offset)
+FLAGS = SHARED | BACK
 NOTICES = 32  # the header's first word: frame count in the low 32 bits, notices above
 
 
@@ -58,7 +60,9 @@ def _encode(message: Any, shared: SharedFrames | None = None) -> tuple[list, lis
     segments this side gives back), then the pickle, then each out-of-band buffer that
     travels in the socket. A buffer over the shared-memory threshold on a same-host link
     is copied into a segment instead (see shared_frames): its length has the SHARED bit,
-    and the segment's descriptor goes with the message."""
+    and the segment's descriptor goes with the message. One that lies in a segment the
+    peer lent goes back as a reference: the SHARED and BACK bits, and in the socket only
+    the segment's inode and the offset."""
     buffers: list = []
     head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     returns = shared.take_returns() if shared is not None else ()
@@ -68,6 +72,12 @@ def _encode(message: Any, shared: SharedFrames | None = None) -> tuple[list, lis
     smallest = shared_frames.threshold() if shared is not None else 0
     for buffer in buffers:
         frame = buffer.raw()
+        if smallest and frame.nbytes >= smallest:
+            back = shared.reference(frame)
+            if back is not None:
+                lengths.append(frame.nbytes | FLAGS)
+                parts.append(_TWO.pack(*back))
+                continue
         if smallest and frame.nbytes >= smallest and len(fds) < shared.MAX_PER_MESSAGE:
             fd = shared.lend(frame)
             if fd is not None:
@@ -160,7 +170,7 @@ class _Reader:
             raise ValueError(f"not a kaas message (a header of {count} frames, {notices} notices)")
         self._have(8 + 8 * (count + notices))
         words = struct.unpack_from(f"<{count + notices}Q", self._ahead, self._start + 8)
-        lengths = [n & ~SHARED for n in words[:count]]
+        lengths = [n & ~FLAGS for n in words[:count]]
         if max(lengths) > _limits["frame"] or sum(lengths) > _limits["message"]:
             raise FrameTooLarge(
                 f"the peer announced a message of {sum(lengths):,} bytes (largest part {max(lengths):,}), over "
@@ -171,13 +181,21 @@ class _Reader:
             if self.shared is None:
                 raise ValueError("the peer gave back shared memory on a link that has none")
             self.shared.returned(words[count:])
-        return [self._in_place(n & ~SHARED) if n & SHARED else self._frame(n) for n in words[:count]]
+        return [self._sent_back(n & ~FLAGS) if n & BACK else self._in_place(n & ~FLAGS) if n & SHARED
+                else self._frame(n) for n in words[:count]]
 
     def _in_place(self, size: int):
         """A frame that came in a shared-memory segment: its bytes, not copied."""
         if self.shared is None or not self._passed:
             raise ValueError("the peer announced a shared-memory frame without passing its segment")
         return self.shared.accept(self._passed.pop(0), size)
+
+    def _sent_back(self, size: int):
+        """A frame in a segment this side lent the peer: a read-only view of it, not copied."""
+        if self.shared is None:
+            raise ValueError("the peer sent back shared memory on a link that has none")
+        inode, offset = _TWO.unpack(bytes(self._frame(_TWO.size)))
+        return self.shared.sent_back_view(inode, offset, size)
 
     def _receive(self, view: memoryview) -> int:
         if not self._ancillary:
@@ -367,6 +385,7 @@ class Server:
                 sock = self._ssl.wrap_socket(sock, server_side=True)
                 sock.settimeout(None)
             shared = SharedFrames() if unix and shared_frames.threshold() and shared_frames.available() else None
+            shared_frames.serving(shared)  # this thread serves this link's calls
             replier = Replier(sock, shared)
             reader = _Reader(sock, shared)
             while not self._closed:
@@ -388,6 +407,7 @@ class Server:
         except (ConnectionError, OSError):  # the client went away mid-reply
             pass
         finally:
+            shared_frames.serving(None)
             if reader is not None:
                 reader.close()
             if shared is not None:

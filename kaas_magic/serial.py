@@ -86,13 +86,16 @@ def _plain_pickle(value: Any) -> Packed | None:
     return {"serializer": "pickle", "writeable": tuple(not b.raw().readonly for b in buffers)}, [head, *buffers]
 
 
-def loads(packed: Packed) -> Any:
+def loads(packed: Packed, read_only_ok: bool = False) -> Any:
+    """The value ``packed`` holds. An array is a view of the received bytes (which are the
+    receiver's own) where they are writable; read-only bytes (memory sent back by
+    reference, see shared_frames) are copied unless ``read_only_ok``: the consumer only
+    reads the array during the call."""
     header, frames = packed
     serializer = header.get("serializer")
     if serializer == "kaas-array":
-        # A view of the received bytes (which are the receiver's own): no copy.
         array = np.frombuffer(frames[0], header["dtype"]).reshape(header["shape"])
-        return array if array.flags.writeable else array.copy()
+        return array if array.flags.writeable or read_only_ok else array.copy()
     if serializer == "kaas-scalar":
         return np.frombuffer(frames[0], header["dtype"])[0]
     if serializer == "kaas-handle":

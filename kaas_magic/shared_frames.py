@@ -21,6 +21,17 @@ through the socket this once while a background thread makes one for the next ti
 A segment is sealed against shrinking before it is sent, and a receiver maps only a sealed
 memfd at least as large as announced: a peer cannot make the other side's reads fault by
 truncating the file under them.
+
+Two more ways save the copy, both for arrays that already lie in a segment of the link:
+- *Sent back*: an array the peer lent (a result that came home) goes back to that peer as a
+  reference (the segment's inode and an offset), not as bytes. The owner gets a read-only
+  view of its own segment, which stays taken until that view is gone, whatever the peer
+  gives back meanwhile. A consumer that may write its input or keep it (a cell) copies it.
+- *Borrowed*: the side that will send a result may first take a free segment for it
+  (``borrow``; a CPU OpenCL device then writes the kernel's output straight into it); lending
+  an array that starts a borrowed segment lends that segment as it is.
+An own segment is free again only when the peer has given it back and no local view of it is
+left.
 """
 
 from __future__ import annotations
@@ -78,6 +89,10 @@ class Segment:
     close_fd: weakref.finalize | None = None  # closes ``fd`` once: on unmap, or when dropped
     last_used: float = field(default_factory=time.monotonic)
     in_use: int = 0  # (received segments) arrays handed out and not yet released
+    address: int = 0  # where this process maps it
+    lent: bool = False  # (own segments) the peer may view it
+    local: int = 0  # (own segments) views of it in this process: borrowed, or sent back by the peer
+    borrowed: bool = False  # (own segments) taken by ``borrow``, until free again
     on_unmap: list = field(default_factory=list)  # callbacks before the mapping goes (GPU pinning)
     uploads: int = 0  # (received segments) uploads to a GPU from it, and whether it is pinned
     pinned: bool = False
@@ -105,9 +120,17 @@ def _make(size: int) -> Segment:
     except BaseException:
         os.close(fd)
         raise
-    segment = Segment(os.fstat(fd).st_ino, size, mapping, fd)
+    segment = Segment(os.fstat(fd).st_ino, size, mapping, fd, address=_mapped_at(mapping))
     segment.close_fd = weakref.finalize(segment, os.close, fd)
     return segment
+
+
+def _mapped_at(mapping: mmap.mmap) -> int:
+    return numpy.frombuffer(mapping, numpy.uint8, count=1).ctypes.data
+
+
+def _address(frame) -> int:
+    return numpy.frombuffer(frame, numpy.uint8).ctypes.data if frame.nbytes else 0
 
 
 class Warmer:
@@ -161,7 +184,10 @@ class SharedFrames:
         self._peer: dict[int, Segment] = {}
         self._returns: list[int] = []
         self.closed = False
-        self.sent = self.received = 0  # frames that went through shared memory (tests and benchmarks)
+        # Frames that went through shared memory (tests and benchmarks): all of them, and of
+        # those the ones lent without a copy (borrowed) and the ones sent back by reference.
+        self.sent = self.received = 0
+        self.sent_in_place = self.sent_back = self.received_back = 0
         _all.add(self)
         _start_trimmer()
 
@@ -172,24 +198,82 @@ class SharedFrames:
         to send; None when none is free (the frame goes through the socket, and one is made
         for next time)."""
         size = frame.nbytes
+        address = _address(frame)
         with self._lock:
             if self.closed:
                 return None
-            largest = max(2 * size, size_class(size))  # no huge segment for a small frame
-            fits = [s for s in self._free if size <= s.size <= largest]
-            if not fits:
-                wanted = size_class(size)
-                if wanted not in self._warming:
-                    self._warming.add(wanted)
-                    _warmer.request(self, wanted)
+            borrowed = next((s for s in self._own.values() if s.borrowed and s.address == address and not s.lent), None)
+            if borrowed is not None and size <= borrowed.size:  # already in place: lent as it is
+                borrowed.lent = True
+                borrowed.last_used = time.monotonic()
+                self.sent += 1
+                self.sent_in_place += 1
+                return borrowed.fd
+            segment = self._take_free_locked(size)
+            if segment is None:
                 return None
-            segment = min(fits, key=lambda s: s.size)
-            self._free.remove(segment)
-            segment.last_used = time.monotonic()
+            segment.lent = True
         destination = numpy.frombuffer(segment.mapping, numpy.uint8, count=size)
         numpy.copyto(destination, numpy.frombuffer(frame, numpy.uint8))
         self.sent += 1
         return segment.fd
+
+    def borrow(self, nbytes: int) -> numpy.ndarray | None:
+        """A free segment's first ``nbytes``, writable, for a result about to be sent on this
+        link (lending an array that starts there then copies nothing); the segment is taken
+        until the array and every view of it are gone, and until the peer gives it back if
+        it was lent. None when none is free (one is made for next time)."""
+        with self._lock:
+            if self.closed:
+                return None
+            segment = self._take_free_locked(nbytes)
+            if segment is None:
+                return None
+            segment.borrowed = True
+            return self._local_view_locked(segment, 0, nbytes)
+
+    def _take_free_locked(self, size: int) -> Segment | None:
+        largest = max(2 * size, size_class(size))  # no huge segment for a small frame
+        fits = [s for s in self._free if size <= s.size <= largest]
+        if not fits:
+            wanted = size_class(size)
+            if wanted not in self._warming:
+                self._warming.add(wanted)
+                _warmer.request(self, wanted)
+            return None
+        segment = min(fits, key=lambda s: s.size)
+        self._free.remove(segment)
+        segment.last_used = time.monotonic()
+        return segment
+
+    def _local_view_locked(self, segment: Segment, offset: int, nbytes: int) -> numpy.ndarray:
+        segment.local += 1
+        owner = numpy.frombuffer(segment.mapping, numpy.uint8, count=nbytes, offset=offset)
+        weakref.finalize(owner, self._local_released, segment)
+        return owner
+
+    def _local_released(self, segment: Segment) -> None:
+        with self._lock:
+            segment.local -= 1
+            self._free_if_unused_locked(segment)
+
+    def _free_if_unused_locked(self, segment: Segment) -> None:
+        if (not self.closed and not segment.lent and segment.local == 0 and segment not in self._free
+                and self._own.get(segment.inode) is segment):
+            segment.borrowed = False
+            segment.last_used = time.monotonic()
+            self._free.append(segment)
+
+    def reference(self, frame: memoryview) -> tuple[int, int] | None:
+        """(inode, offset) when ``frame`` lies in a segment the peer lent this side: it can go
+        back as a reference, without its bytes."""
+        address, size = _address(frame), frame.nbytes
+        with self._lock:
+            for segment in self._peer.values():
+                if segment.in_use and segment.address <= address and address + size <= segment.address + segment.size:
+                    self.sent_back += 1
+                    return segment.inode, address - segment.address
+        return None
 
     def add_free(self, segment: Segment) -> None:
         with self._lock:
@@ -218,9 +302,9 @@ class SharedFrames:
         with self._lock:
             for inode in inodes:
                 segment = self._own.get(inode)
-                if segment is not None and segment not in self._free:
-                    segment.last_used = time.monotonic()
-                    self._free.append(segment)
+                if segment is not None:
+                    segment.lent = False
+                    self._free_if_unused_locked(segment)
             self._trim_locked(time.monotonic())
 
     # -- receiving --
@@ -246,13 +330,26 @@ class SharedFrames:
         self.received += 1
         return owner
 
+    def sent_back_view(self, inode: int, offset: int, length: int) -> numpy.ndarray:
+        """The peer sent back ``length`` bytes at ``offset`` of a segment this side lent it:
+        a read-only view of them, in place; the segment stays taken while the view lives."""
+        with self._lock:
+            segment = self._own.get(inode)
+            if segment is None or not segment.lent or offset < 0 or offset + length > segment.size:
+                raise ValueError("the peer sent back memory this side did not lend it")
+            view = self._local_view_locked(segment, offset, length)
+        view.flags.writeable = False
+        self.received_back += 1
+        return view
+
     def _map(self, fd: int, info: os.stat_result, length: int) -> Segment:
         if not stat.S_ISREG(info.st_mode) or info.st_size < length:
             raise ValueError("the peer passed a descriptor that is not a shared-memory segment of the announced size")
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         if not seals & fcntl.F_SEAL_SHRINK:
             raise ValueError("the peer passed a shared-memory segment that can shrink under this side's reads")
-        segment = Segment(info.st_ino, info.st_size, mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED))
+        mapping = mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED)
+        segment = Segment(info.st_ino, info.st_size, mapping, address=_mapped_at(mapping))
         with self._lock:
             if self.closed:  # still handed out; unmapped when its last view goes
                 return segment
@@ -302,30 +399,59 @@ class SharedFrames:
             self._peer.clear()
             self._returns.clear()
         for segment in segments:
-            if segment.in_use == 0:
+            if segment.in_use == 0 and segment.local == 0:
                 segment.unmap()
             elif segment.close_fd is not None:
                 segment.close_fd()
 
 
 def segment_holding(address: int) -> Segment | None:
-    """The received segment whose mapping holds ``address`` (for a backend that pins the
-    memory it uploads from), or None."""
+    """The segment, viewed in this process (received, sent back or borrowed), whose mapping
+    holds ``address`` (for a backend that reads in place or pins the memory it uploads
+    from), or None."""
     for frames in list(_all):
         with frames._lock:
-            for segment in frames._peer.values():
-                start = segment_address(segment)
-                if start is not None and start <= address < start + segment.size:
+            viewed = [s for s in frames._peer.values() if s.in_use] + [s for s in frames._own.values() if s.local]
+            for segment in viewed:
+                if segment.address <= address < segment.address + segment.size:
                     return segment
     return None
 
 
 def segment_address(segment: Segment) -> int | None:
     """Where ``segment`` is mapped in this process."""
+    return segment.address or None
+
+
+# The link whose call this thread is serving, and whether that call's results are on their
+# way home over it (set by fastlink's server and the worker's executor).
+_serving = threading.local()
+
+
+def serving(frames: "SharedFrames | None") -> None:
+    _serving.frames = frames
+    _serving.home = False
+
+
+@contextlib.contextmanager
+def results_go_home():
+    """While a call whose results all go home runs: a large result may be made in a
+    borrowed segment of the caller's link (see ``borrow_for_result``)."""
+    _serving.home = True
     try:
-        return numpy.frombuffer(segment.mapping, numpy.uint8, count=1).ctypes.data
-    except (ValueError, BufferError):
+        yield
+    finally:
+        _serving.home = False
+
+
+def borrow_for_result(nbytes: int) -> numpy.ndarray | None:
+    """Memory for a result of ``nbytes`` that will be sent home on this thread's link, in a
+    borrowed segment of it (see ``SharedFrames.borrow``); None outside such a call, for a
+    small result, or when no segment is free."""
+    frames = getattr(_serving, "frames", None)
+    if frames is None or not _serving.home or nbytes < max(threshold(), 1):
         return None
+    return frames.borrow(nbytes)
 
 
 _trimmer_started = threading.Event()

@@ -140,6 +140,83 @@ def test_results_come_home_through_shared_memory_too(pair):
     assert x[0] == 0
 
 
+def _mapped_at(segment) -> int:
+    return np.frombuffer(segment.mapping, np.uint8, count=1).ctypes.data
+
+
+def test_a_result_sent_back_goes_as_a_reference_and_its_segment_stays_taken_while_viewed(pair):
+    x = np.random.default_rng(5).random(2 * MiB // 8)
+    pair.b_to_a({"r": serial.dumps(x)})
+    _warm(pair.shared_b, x.nbytes)
+    home = serial.loads(pair.b_to_a({"r": serial.dumps(x)})["r"])  # a view of b's segment, on a
+    (segment,) = [s for s in pair.shared_b._own.values() if s.lent]
+    for part, offset in ((home, 0), (home[1000:1000 + MiB // 8 + 10], 8000)):  # the whole, and a large slice
+        back = pair.a_to_b({"r": serial.dumps(part)})["r"]
+        assert pair.shared_a.sent == 0  # nothing copied into a segment of a's
+        in_place = serial.loads(back, read_only_ok=True)
+        assert in_place.ctypes.data == _mapped_at(segment) + offset and not in_place.flags.writeable
+        assert np.array_equal(in_place, part)
+        own = serial.loads(back)  # a consumer that may write gets a copy of its own
+        assert own.flags.writeable and own.ctypes.data != in_place.ctypes.data and np.array_equal(own, part)
+    assert pair.shared_a.sent_back == 2 and pair.shared_b.received_back == 2
+    del home, part, back, own
+    gc.collect()
+    pair.a_to_b({"ack": 1})  # a gives the segment back ...
+    assert not segment.lent and segment not in pair.shared_b._free  # ... but b still views it
+    y = x + 1
+    pair.b_to_a({"r": serial.dumps(y)})  # none free: the socket, and one is made
+    _warm(pair.shared_b, y.nbytes)
+    pair.b_to_a({"r": serial.dumps(y)})  # another segment carries this one
+    assert pair.shared_b.sent == 2
+    assert np.array_equal(in_place, x[1000:1000 + MiB // 8 + 10])  # the view was not overwritten
+    del in_place
+    gc.collect()
+    assert segment in pair.shared_b._free
+
+
+def test_a_borrowed_segment_is_lent_as_it_is(pair):
+    assert pair.shared_b.borrow(2 * MiB) is None  # none free yet: one is made
+    _warm(pair.shared_b, 2 * MiB)
+    made = pair.shared_b.borrow(2 * MiB)
+    result = made.view(np.float64)
+    result[:] = np.arange(result.size)  # e.g. a kernel's output, written in place
+    (segment,) = [s for s in pair.shared_b._own.values() if s.borrowed]
+    home = serial.loads(pair.b_to_a({"r": serial.dumps(result)})["r"])
+    assert pair.shared_b.sent_in_place == 1 and pair.shared_b.sent == 1
+    assert np.array_equal(home, np.arange(result.size)) and segment.lent
+    del made, result
+    gc.collect()
+    assert segment not in pair.shared_b._free  # a still views it
+    del home
+    gc.collect()
+    pair.a_to_b({"ack": 1})
+    assert segment in pair.shared_b._free and not segment.borrowed
+    # Lent again, the copy path is used for an array that is not borrowed.
+    x = np.ones(2 * MiB // 8)
+    assert np.array_equal(serial.loads(pair.b_to_a({"x": serial.dumps(x)})["x"]), x)
+    assert pair.shared_b.sent_in_place == 1 and pair.shared_b.sent == 2
+
+
+@pytest.mark.parametrize("case", ["unknown segment", "not lent", "past its end", "no shared memory"])
+def test_a_peer_cannot_send_back_memory_it_was_not_lent(pair, case):
+    import struct
+
+    head = b"\x80\x05N."  # pickle of None
+    segment = shared_frames._make(2 * MiB)
+    pair.shared_b.add_free(segment)  # b's own, free: never lent
+    size, offset, inode = MiB, 0, segment.inode
+    if case == "unknown segment":
+        inode += 12345
+    elif case == "past its end":
+        segment.lent = True
+        offset = segment.size - MiB + 1
+    reader = pair.reader_b if case != "no shared memory" else fastlink._Reader(pair.b)
+    _send_raw(pair.a, [2, len(head), size | fastlink.FLAGS], [], head + struct.pack("<QQ", inode, offset))
+    with pytest.raises(ValueError, match="did not lend|has none"):
+        reader.message()
+    assert segment.local == 0
+
+
 def test_small_frames_and_remote_links_stay_on_the_socket(pair):
     small = np.ones(1000)
     for _ in range(3):
@@ -379,3 +456,57 @@ def test_kernel_calls_on_large_arrays_read_inputs_in_place_and_stay_correct(spoo
         np.testing.assert_allclose(total, expected, rtol=1e-6)
     sent, received = _shared_frames_moved(spool)
     assert sent >= 4 and received >= 4
+
+
+def _worker_shared_counts(pool: Pool) -> dict:
+    """The worker's shared-memory counters, summed over its links (read by a cell there)."""
+    cell = ("from kaas_magic import shared_frames as sf\n"
+            "n = {k: sum(getattr(f, k) for f in list(sf._all)) for k in ('sent', 'sent_in_place', 'received_back')}")
+    return pool.run(cell, "cpu", stdout=None)["n"]
+
+
+def test_a_chain_without_keep_sends_results_back_by_reference_and_makes_outputs_in_place(spool):
+    """Results of a kernel on a CPU OpenCL device are made in shared memory of the link and
+    go home without a copy; sent back to the next kernel they go as a reference. Every
+    value stays right, results held across later calls included."""
+    rng = np.random.default_rng(6)
+    held = []
+    before = _worker_shared_counts(spool)
+    back_before = sum(link.shared.sent_back for idle in spool._links._idle.values() for link in idle
+                      if link.shared is not None)
+    for round_ in range(6):
+        a, b = rng.random(MiB, dtype=np.float32), rng.random(MiB, dtype=np.float32)
+        total = spool.call("vector_add", a, b, target="fpga", fallback=True)
+        scaled = spool.call("saxpy", 2.0, total, b, target="fpga", fallback=True)
+        s = spool.call("reduce_sum", scaled, target="fpga", fallback=True)
+        np.testing.assert_allclose(total, a + b, rtol=1e-6)
+        np.testing.assert_allclose(scaled, 2.0 * (a + b) + b, rtol=1e-5)
+        np.testing.assert_allclose(s, np.sum((2.0 * (a + b) + b).astype(np.float64)), rtol=1e-4)
+        if round_ % 3 == 0:  # some held (their segments stay taken), the others dropped
+            held.append((total, scaled, a + b))
+        del total, scaled
+    for total, scaled, expected in held:
+        np.testing.assert_allclose(total, expected, rtol=1e-6)
+    del held
+    after = _worker_shared_counts(spool)
+    back = sum(link.shared.sent_back for idle in spool._links._idle.values() for link in idle
+               if link.shared is not None) - back_before
+    assert back >= 6  # total and scaled, sent back in most rounds (the first ones warm segments)
+    assert after["received_back"] - before["received_back"] >= 6
+    assert after["sent_in_place"] - before["sent_in_place"] >= 6
+
+
+def test_a_result_sent_back_to_a_cell_or_kept_is_the_receivers_own(spool):
+    """A cell may write its inputs, a JAX kernel may keep a view of its host input, and a kept
+    buffer must not change with the notebook's array: none gets the read-only in-place view
+    of a result sent back."""
+    a = np.ones(MiB, dtype=np.float32)
+    for _ in range(3):
+        total = spool.call("vector_add", a, a, target="fpga", fallback=True)
+        out = spool.run("x[0] = -1.0\ny = float(x[0]) + float(x[1])", "cpu", inputs={"x": total}, stdout=None)
+        assert out["y"] == 1.0 and total[0] == 2.0  # the cell wrote its own copy
+        soft = spool.call("softmax", total.reshape(1024, -1), target="tpu", fallback=True)  # a JAX kernel
+        np.testing.assert_allclose(soft, np.full((1024, MiB // 1024), 1024 / MiB), rtol=1e-5)
+        kept = spool.put(total, "fpga", fallback=True)
+        total[:] = 7.0  # the notebook changes its array after the put
+        assert np.all(spool.fetch(kept) == 2.0)

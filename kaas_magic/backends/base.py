@@ -35,6 +35,11 @@ class Session:
     """A warm context on one device. Subclasses override what their framework needs.
     What a session injects (``namespace()``) and compiles is declared on its Backend."""
 
+    # A kernel launch on this session only reads a host input while it runs: it neither
+    # writes nor keeps it (it uploads a copy, or a CPU device reads it in place). Such a
+    # launch may take read-only views of shared memory as inputs (see shared_frames).
+    launch_only_reads_inputs = False
+
     def __init__(self, offer: Offer, config: dict):
         self.offer = offer
         self.config = config

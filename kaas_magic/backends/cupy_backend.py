@@ -48,6 +48,8 @@ def _pin_if_shared(value: Any, device: int) -> Any:
 
 
 class CupySession(Session):
+    launch_only_reads_inputs = True  # inputs are uploaded (copied to the GPU)
+
     @property
     def index(self) -> int:
         return self.offer.service.index

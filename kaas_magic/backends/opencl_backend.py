@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from .. import config as kaas_config
+from .. import shared_frames
 from ..compile_cache import DiskCache
 from ..kernelspec import launch_c_kernel, round_up, scalar_arg_dtypes
 from ..targets import Service
@@ -17,6 +18,8 @@ _WARM_UP_SOURCE = "__kernel void kaas_warm(__global float *a) { a[get_global_id(
 
 
 class OpenCLSession(Session):
+    launch_only_reads_inputs = True  # inputs are uploaded, or read in place read-only (_buffer)
+
     def warm_up(self) -> None:
         import numpy
         import pyopencl as cl
@@ -170,7 +173,7 @@ class OpenCLSession(Session):
             spec, args, kwargs,
             # Plain buffers, no memory pool: on PoCL a pool makes uploads slower than letting
             # the runtime allocate (whose memory the worker's malloc settings keep warm).
-            allocate=self._empty,
+            allocate=self._output,
             upload=lambda v: v if isinstance(v, cl_array.Array) else self.to_device(v),
             pointer=lambda array: array.data,
             run=run,
@@ -179,6 +182,25 @@ class OpenCLSession(Session):
             input_pointer=lambda v: v.data if isinstance(v, cl_array.Array) else self._buffer(v, read_only=True),
         )
         return result.get()[0] if spec.post == "sum" else result
+
+    def _output(self, shape: tuple[int, ...], dtype) -> Any:
+        """A kernel's output. On a CPU device, a large one that will go home is made in
+        shared memory of the caller's link (see shared_frames.borrow_for_result): the kernel
+        writes it where the notebook will read it, and sending it copies nothing."""
+        if self.physical_device == "cpu":
+            import math
+
+            import numpy
+
+            dtype = numpy.dtype(dtype)
+            host = shared_frames.borrow_for_result(math.prod(shape) * dtype.itemsize)
+            if host is not None:
+                import pyopencl as cl
+                import pyopencl.array as cl_array
+
+                buffer = cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
+                return cl_array.Array(self.queue, shape, dtype, data=buffer)
+        return self._empty(shape, dtype)
 
     def _empty(self, shape: tuple[int, ...], dtype) -> Any:
         """A new device array, made like a cached template of its shape and dtype:
@@ -238,8 +260,6 @@ class OpenCLSession(Session):
         """A launch input the device may read in place: on a CPU device (its memory is the
         host's), a large array that arrived in a shared-memory segment for this call, so no
         one else's data is reachable through it."""
-        from .. import shared_frames
-
         if self.physical_device != "cpu" or host.nbytes < max(shared_frames.threshold(), 1):
             return False
         return shared_frames.segment_holding(host.ctypes.data) is not None
@@ -249,11 +269,11 @@ class OpenCLSession(Session):
         wait for the kernels first cost one more hand-off with PoCL's threads, each way."""
         import pyopencl.array as cl_array
 
-        from .. import shared_frames
-
         # Only large ones: a small map costs PoCL more than the copy (kaas bench kernels).
         in_place = self.physical_device == "cpu" and shared_frames.threshold() > 0
         smallest = shared_frames.threshold()
+
+        in_host_memory: dict[int, Any] = {}  # id(mapped) -> the host memory it maps
 
         def start(v: Any) -> Any:
             if not isinstance(v, cl_array.Array):
@@ -265,11 +285,25 @@ class OpenCLSession(Session):
 
                 mapped, _ = cl.enqueue_map_buffer(self.queue, v.base_data, cl.map_flags.READ, v.offset,
                                                   v.shape, v.dtype, is_blocking=False)
+                host = getattr(v.base_data, "hostbuf", None)
+                if host is not None and v.offset == 0:  # made in memory of ours (see _output)
+                    in_host_memory[id(mapped)] = (mapped, host)
                 return mapped
             return v.get_async(queue=self.queue)[0]
 
+        def own_memory(v: Any) -> Any:
+            """A mapped output made in host memory of ours, once the map is done: that
+            memory itself, which keeps it taken (the mapped array does not hold the
+            buffer's host memory; a shared-memory segment would count as free)."""
+            mapped, host = in_host_memory.get(id(v), (None, None))
+            if mapped is not v or mapped.ctypes.data != host.ctypes.data:
+                return v
+            return host.view(mapped.dtype)[:mapped.size].reshape(mapped.shape)
+
         hosts = [try_convert(lambda value: map_containers(value, start), v) for v in values]
         self.queue.finish()
+        if in_host_memory:
+            hosts = [map_containers(h, own_memory) for h in hosts]
         return hosts
 
     def to_host(self, value: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 import cachetools
 import numpy as np
 
-from .. import isolation, protocol, serial
+from .. import isolation, protocol, serial, shared_frames
 from ..backends.base import Session
 from ..buffer_store import BufferStore
 from ..call_stream import CallStream
@@ -111,8 +111,12 @@ class Executor:
             namespace.update(_display.names())
         else:  # an operation of kaas's own: its inputs by name, nothing else
             namespace = {}
+        # A kernel whose launch only reads its inputs may take them read-only, in place
+        # (results sent back by reference); a cell gets arrays of its own.
+        read_only_ok = msg.get("op") == "call" and kernels._launch_only_reads(msg["kernel"])
         for name, packed in msg["inputs"].items():
-            namespace[name] = self._resolve_handles(self._unpack(name, packed), client, session, name, conversions)
+            namespace[name] = self._resolve_handles(self._unpack(name, packed, read_only_ok), client, session, name,
+                                                    conversions)
         return namespace, module, code
 
     @staticmethod
@@ -121,7 +125,11 @@ class Executor:
         """The user's code, and its device work finished: outputs synchronised when they
         stay, else copied home with it."""
         call.enter_user_code()
-        if module is not None:  # a cell
+        if msg.get("op") == "call" and not msg.get("keep"):
+            # Its results all go home: a large one may be made in shared memory of the link.
+            with shared_frames.results_go_home():
+                _OPERATIONS["call"](session, msg, kernels, namespace)
+        elif module is not None:  # a cell
             # Registered while it runs (dataclasses, typing and pickle look a class's
             # module up by name), gone after: nothing outlives the call.
             sys.modules[module.__name__] = module
@@ -213,9 +221,9 @@ class Executor:
             return f"{why}: it stays on worker {self.worker.address} as a DeviceHandle; bring home pieces of it"
         return f"{why}: it was not sent"
 
-    def _unpack(self, name: str, packed: serial.Packed) -> Any:
+    def _unpack(self, name: str, packed: serial.Packed, read_only_ok: bool = False) -> Any:
         try:
-            return serial.loads(packed)
+            return serial.loads(packed, read_only_ok)
         except Exception as e:
             raise KaasError(
                 f"variable {name!r} could not be rebuilt on worker {self.worker.address}: {type(e).__name__}: {e}. "

@@ -47,6 +47,15 @@ class KernelNamespace:
         self.states[name] = how
         return how
 
+    def _launch_only_reads(self, name: str) -> bool:
+        """Whether kernel ``name``'s launch only reads its host inputs while it runs (never
+        writes or keeps them): they may be read-only views of shared memory."""
+        try:
+            _, session = self._session_for(name)
+        except KernelError:
+            return False  # the call itself says why
+        return session.launch_only_reads_inputs
+
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
