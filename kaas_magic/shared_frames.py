@@ -150,17 +150,21 @@ class Warmer:
 
     def _run(self) -> None:
         while True:
-            ref, size = self._queue.get()
-            frames = ref()
-            if frames is None or frames.closed:
-                continue
-            try:
-                segment = _make(size)
-            except OSError:  # out of memory or descriptors: the socket carries on
-                frames.warm_failed(size)
-                continue
-            frames.add_free(segment)
-            del frames
+            self._make_one(*self._queue.get())
+
+    @staticmethod
+    def _make_one(ref: "weakref.ref[SharedFrames]", size: int) -> None:
+        # A function of its own, so that nothing it made stays referenced by the thread
+        # while it waits for the next request: a segment must go with its last user.
+        frames = ref()
+        if frames is None or frames.closed:
+            return
+        try:
+            segment = _make(size)
+        except OSError:  # out of memory or descriptors: the socket carries on
+            frames.warm_failed(size)
+            return
+        frames.add_free(segment)
 
 
 _warmer = Warmer()

@@ -133,3 +133,27 @@ def test_kernel_inputs_from_shared_memory_are_uploaded_pinned(pool):
              "pinned = sum(s.pinned for f in list(sf._all) for s in f._peer.values())")
     worker = pool.last_run().worker
     assert pool.run(probe, "gpu", worker=worker, stdout=io.StringIO())["pinned"] >= 1
+
+
+def test_a_chain_without_keep_comes_home_and_goes_back_through_shared_memory(pool):
+    """CUDA results come home copied from the GPU straight into shared memory of the link
+    (no second copy), and sent back to the next kernel they go as a reference; every value
+    right, results held across later calls included."""
+    rng = np.random.default_rng(8)
+    probe = ("from kaas_magic import shared_frames as sf\n"
+             "n = {k: sum(getattr(f, k) for f in list(sf._all)) for k in ('sent_in_place', 'received_back')}")
+    held = []
+    for round_ in range(6):
+        a, b = rng.random(2**20, dtype=np.float32), rng.random(2**20, dtype=np.float32)  # 4 MiB each
+        total = pool.call("vector_add", a, b, target="gpu")
+        scaled = pool.call("saxpy", 2.0, total, b, target="gpu")
+        np.testing.assert_allclose(total, a + b, rtol=1e-6)
+        np.testing.assert_allclose(scaled, 2.0 * (a + b) + b, rtol=1e-5)
+        if round_ % 3 == 0:
+            held.append((total, a + b))
+        del total, scaled
+    for total, expected in held:
+        np.testing.assert_allclose(total, expected, rtol=1e-6)
+    worker = pool.last_run().worker
+    counts = pool.run(probe, "gpu", worker=worker, stdout=io.StringIO())["n"]
+    assert counts["sent_in_place"] >= 4 and counts["received_back"] >= 2

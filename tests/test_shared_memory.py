@@ -197,6 +197,24 @@ def test_a_borrowed_segment_is_lent_as_it_is(pair):
     assert pair.shared_b.sent_in_place == 1 and pair.shared_b.sent == 2
 
 
+def test_a_segment_viewed_when_its_link_closes_goes_with_its_last_view():
+    """Nothing else may hold a segment: not the thread that made it in the background (it
+    did, until its next request), not a closed link."""
+    before = memfds()
+    p = Pair()
+    p.shared_b.borrow(2 * MiB)  # none free: made in the background
+    _warm(p.shared_b, 2 * MiB)
+    made = p.shared_b.borrow(2 * MiB)
+    made[:] = 1
+    home = serial.loads(p.b_to_a({"r": serial.dumps(made)})["r"])  # lent as it is, and viewed on a
+    p.close()
+    gc.collect()
+    assert np.all(home == 1) and np.all(made == 1)  # the data outlives the link while it is viewed
+    del made, home
+    gc.collect()
+    assert memfds() == before
+
+
 @pytest.mark.parametrize("case", ["unknown segment", "not lent", "past its end", "no shared memory"])
 def test_a_peer_cannot_send_back_memory_it_was_not_lent(pair, case):
     import struct
@@ -406,6 +424,59 @@ def test_killing_the_notebook_mid_transfer_leaves_nothing_on_the_worker(spool, d
     _eventually(lambda: memfds(pid) == before, 20, f"the worker still holds segments: {memfds(pid)}, before {before}")
     assert dev_shm() == shm_before
     assert spool.run("z = 1", "cpu", stdout=None)["z"] == 1  # and it goes on
+
+
+_KERNEL_NOTEBOOK = textwrap.dedent("""
+    import base64, pickle, sys
+    import numpy as np
+    from kaas_magic import fastlink, protocol, serial
+    endpoint, request = pickle.loads(base64.b64decode(sys.argv[1]))
+    x = np.random.default_rng(7).random(2**20, dtype=np.float32)
+    link = fastlink.Link(endpoint, None)
+    result = None
+    for i in range(10_000):
+        a = x if result is None or i % 2 == 0 else result  # every other call sends a result back
+        link.send({**request, "call_id": f"doomed-{i}", "inputs": {"a": serial.dumps(a), "b": serial.dumps(x)}})
+        result = serial.loads(link.receive()["outputs"][protocol.CALL_RESULT])
+        assert result[-1] == a[-1] + x[-1]
+        if i == 6:
+            print("warm", flush=True)
+""")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.11])
+def test_killing_the_notebook_mid_kernel_chain_leaves_nothing_on_the_worker(spool, delay):
+    """The same for kernel calls, whose results are made in borrowed segments and come back
+    by reference: a link that goes mid-call leaves none of them taken."""
+    import base64
+    import pickle
+
+    a = np.ones(2**20, dtype=np.float32)
+    sent = []
+    real_send = fastlink.Link.send
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastlink.Link, "send", lambda link, message: (sent.append(message), real_send(link, message))[1])
+        spool.call("vector_add", a, a, target="fpga", fallback=True)
+    (request,) = [m for m in sent if m.get("op") == "call"]
+    request = {k: v for k, v in request.items() if k != "inputs"} | {"client": "doomed", "free": []}
+    pid = _worker_pid(spool)
+    gc.collect()
+    before, shm_before = memfds(pid), dev_shm()
+    worker = spool.routes()[0].address
+    argument = base64.b64encode(pickle.dumps([spool._endpoint(worker), request])).decode()
+    notebook = subprocess.Popen([sys.executable, "-c", _KERNEL_NOTEBOOK, argument], stdout=subprocess.PIPE, text=True)
+    try:
+        assert notebook.stdout.readline().strip() == "warm"
+        assert memfds(pid)[1] > before[1]  # the transfers use shared memory
+        time.sleep(delay)
+        notebook.send_signal(signal.SIGKILL)
+        notebook.wait()
+    finally:
+        notebook.kill()
+    _eventually(lambda: memfds(pid) == before, 20, f"the worker still holds segments: {memfds(pid)}, before {before}")
+    assert dev_shm() == shm_before
+    np.testing.assert_array_equal(spool.call("vector_add", a, a, target="fpga", fallback=True), 2 * a)
 
 
 @pytest.mark.timeout(240)

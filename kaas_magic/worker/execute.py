@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import functools
 import linecache
 import random
@@ -125,25 +126,25 @@ class Executor:
         """The user's code, and its device work finished: outputs synchronised when they
         stay, else copied home with it."""
         call.enter_user_code()
-        if msg.get("op") == "call" and not msg.get("keep"):
-            # Its results all go home: a large one may be made in shared memory of the link.
-            with shared_frames.results_go_home():
-                _OPERATIONS["call"](session, msg, kernels, namespace)
-        elif module is not None:  # a cell
-            # Registered while it runs (dataclasses, typing and pickle look a class's
-            # module up by name), gone after: nothing outlives the call.
-            sys.modules[module.__name__] = module
-            try:
-                exec(code, namespace)
-            finally:
-                sys.modules.pop(module.__name__, None)
-        else:  # checked to be one of these on arrival (see WorkerRuntime.handle_call)
-            _OPERATIONS[msg["op"]](session, msg, kernels, namespace)
-        names = [n for n in _output_names(msg, namespace) if n in namespace]
-        if msg.get("keep"):
-            session.synchronize([namespace[n] for n in names])
-        else:  # the device's work and the copies home, waited for at once
-            namespace.update(zip(names, session.download([namespace[n] for n in names])))
+        # A kernel call whose results all go home: a large one may be made, or copied from
+        # the device, straight into shared memory of the caller's link (see shared_frames).
+        goes_home = msg.get("op") == "call" and not msg.get("keep")
+        with shared_frames.results_go_home() if goes_home else contextlib.nullcontext():
+            if module is not None:  # a cell
+                # Registered while it runs (dataclasses, typing and pickle look a class's
+                # module up by name), gone after: nothing outlives the call.
+                sys.modules[module.__name__] = module
+                try:
+                    exec(code, namespace)
+                finally:
+                    sys.modules.pop(module.__name__, None)
+            else:  # checked to be one of these on arrival (see WorkerRuntime.handle_call)
+                _OPERATIONS[msg["op"]](session, msg, kernels, namespace)
+            names = [n for n in _output_names(msg, namespace) if n in namespace]
+            if msg.get("keep"):
+                session.synchronize([namespace[n] for n in names])
+            else:  # the device's work and the copies home, waited for at once
+                namespace.update(zip(names, session.download([namespace[n] for n in names])))
         call.leave_user_code()
 
     def _collect(self, session: Session, msg: CallRequest, namespace: dict, client: str, outputs: dict,
