@@ -581,3 +581,62 @@ def test_a_result_sent_back_to_a_cell_or_kept_is_the_receivers_own(spool):
         kept = spool.put(total, "fpga", fallback=True)
         total[:] = 7.0  # the notebook changes its array after the put
         assert np.all(spool.fetch(kept) == 2.0)
+
+
+def test_gpu_results_are_copied_from_the_device_straight_into_a_borrowed_segment(pair, monkeypatch):
+    """CupySession's results home, on a stand-in ``cupy`` (no GPU here; tests/test_gpu.py runs
+    the real one): a large contiguous result is copied from the device into a free segment of
+    the link and lent as it is; a small one, or one outside a call whose results go home,
+    is copied as before."""
+    import types
+
+    from kaas_magic.backends.cupy_backend import CupySession
+
+    class FakeDeviceArray:  # what the stand-in's GPU holds: a host array behind the API
+        def __init__(self, data: np.ndarray):
+            self._data, self.dtype, self.shape = data, data.dtype, data.shape
+            self.nbytes, self.size, self.flags = data.nbytes, data.size, data.flags
+
+        def get(self, out=None):
+            assert out is not None and out.shape == self.shape and out.dtype == self.dtype
+            np.copyto(out, self._data)
+            return out
+
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray = FakeDeviceArray
+    cupy.asnumpy = lambda v: v._data.copy()
+    cupy.cuda = types.SimpleNamespace(Device=Device)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    session = CupySession.__new__(CupySession)  # only its downloads are used
+    session.synchronize = lambda values: None
+    monkeypatch.setattr(CupySession, "index", 0)
+    big = FakeDeviceArray(np.arange(MiB // 2, dtype=np.float64).reshape(512, -1))  # 4 MiB
+    small = FakeDeviceArray(np.arange(10, dtype=np.float32))
+    shared_frames.serving(pair.shared_b)
+    try:
+        (outside,) = session.download([big])  # not in a call whose results go home
+        assert segment_of(outside) is None
+        with shared_frames.results_go_home():
+            assert pair.shared_b.borrow(big.nbytes) is None  # none free yet: one is made
+            _warm(pair.shared_b, big.nbytes)
+            home, tiny = session.download([big, small])
+    finally:
+        shared_frames.serving(None)
+    assert segment_of(home) is not None and segment_of(tiny) is None
+    np.testing.assert_array_equal(home, big._data)
+    got = serial.loads(pair.b_to_a({"r": serial.dumps(home)})["r"])
+    assert pair.shared_b.sent_in_place == 1 and np.array_equal(got, big._data)
+
+
+def segment_of(array: np.ndarray):
+    return shared_frames.segment_holding(array.ctypes.data)

@@ -222,9 +222,12 @@ class CupySession(Session):
                 if host is not None:
                     out = host.view(v.dtype).reshape(v.shape)
                     _pin_if_shared(out, self.index)
-                    with cupy.cuda.Device(self.index):
-                        v.get(out=out)
-                    return out
+                    try:
+                        with cupy.cuda.Device(self.index):
+                            v.get(out=out)
+                        return out
+                    except (TypeError, ValueError):  # a CuPy without get(out=): the copy below
+                        pass
             return cupy.asnumpy(v)
 
         return map_containers(value, convert)
