@@ -185,6 +185,26 @@ def _healthy(pool: Pool, gone: str | None = None) -> None:
         other.close()
 
 
+def test_a_worker_lost_while_its_name_is_briefly_unregistered_keeps_its_nanny(fpool):
+    """Dask closes a lost worker's nanny ``lost-worker-timeout`` after the worker left unless
+    a worker of that name is registered at that moment: a worker killed twice within the
+    timeout (15 s) lost its nanny while the second replacement started, and the pool a worker
+    for good. Here the timeout is made shorter than a worker's start, so the check falls in
+    that window at once; the embedded pool's nannies restart their workers whatever it says."""
+    import dask.config
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.1s"}):
+        victim, _ = _two_workers(fpool)
+        pid = _pid_of(fpool, victim)
+        os.kill(pid, signal.SIGKILL)
+        _wait_until(lambda: not _running(pid), 10, f"worker process {pid} ending")
+        time.sleep(1.5)  # past the timeout, while the replacement starts
+        nannies = dict(fpool.cluster.workers)
+        assert len(nannies) == 2 and all(n.status.name not in ("closing", "closed") for n in nannies.values()), \
+            {name: n.status.name for name, n in nannies.items()}
+    _healthy(fpool, gone=victim)
+
+
 def _pid_of(pool: Pool, address: str) -> int:
     return next(w["pid"] for w in pool.status().workers if w.get("address") == address)
 

@@ -18,7 +18,7 @@ embedded_clusters: dict = {}
 def start_cluster(n_workers: int | None = None, **cluster_kwargs):
     """(client, cluster) of a new embedded LocalCluster: see Pool.start."""
     import dask.config
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if n_workers is None:
         n_workers = kaas_config.get("pool.n-workers")
@@ -54,7 +54,7 @@ def start_cluster(n_workers: int | None = None, **cluster_kwargs):
     profiler = bool(kaas_config.get("pool.worker-profiler"))
     try:
         with dask.config.set({"distributed.worker.profile.enabled": profiler}):
-            cluster = LocalCluster(
+            cluster = _local_cluster_class()(
                 n_workers=n_workers, processes=True, host="127.0.0.1", **cluster_kwargs
             )
         client = Client(cluster, security=getattr(cluster, "security", None), set_as_default=False)
@@ -68,6 +68,29 @@ def start_cluster(n_workers: int | None = None, **cluster_kwargs):
             embedded_clusters.pop(address, None)
     embedded_clusters[cluster.scheduler_address] = weakref.ref(cluster)
     return client, cluster
+
+
+def _local_cluster_class():
+    """LocalCluster, except that a nanny is never closed because its worker left the scheduler.
+
+    Dask's SpecCluster closes a lost worker's nanny ``distributed.deploy.lost-worker-timeout``
+    (15 s) after the worker's removal unless a worker of the same name is registered at that
+    very moment (meant for batch jobs that never come back). A nanny here restarts its worker
+    itself (the supervisor's kill relies on it), so a worker killed twice within 15 s had its
+    nanny closed while the second replacement was starting, and the pool lost a worker for
+    good. A nanny that cannot restart its worker closes itself; scaling down and autoscaling
+    close nannies through the cluster's spec, which this leaves alone."""
+    from distributed import LocalCluster
+    from distributed.deploy.cluster import Cluster
+
+    class KaasLocalCluster(LocalCluster):
+        def _update_worker_status(self, op, msg):
+            if op == "remove":  # the bookkeeping only, without the delayed close
+                Cluster._update_worker_status(self, op, msg)
+            else:
+                super()._update_worker_status(op, msg)
+
+    return KaasLocalCluster
 
 
 def _secure(cluster_kwargs: dict) -> None:
