@@ -74,12 +74,11 @@ def _encode(message: Any, shared: SharedFrames | None = None) -> tuple[list, lis
         frame = buffer.raw()
         if smallest and frame.nbytes >= smallest:
             back = shared.reference(frame)
-            if back is not None:
+            if back is not None:  # the peer's own memory: sent back by reference
                 lengths.append(frame.nbytes | FLAGS)
                 parts.append(_TWO.pack(*back))
                 continue
-        if smallest and frame.nbytes >= smallest and len(fds) < shared.MAX_PER_MESSAGE:
-            fd = shared.lend(frame)
+            fd = shared.lend(frame) if len(fds) < shared.MAX_PER_MESSAGE else None
             if fd is not None:
                 lengths.append(frame.nbytes | SHARED)
                 fds.append(fd)

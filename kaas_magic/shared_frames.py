@@ -422,11 +422,6 @@ def segment_holding(address: int) -> Segment | None:
     return None
 
 
-def segment_address(segment: Segment) -> int | None:
-    """Where ``segment`` is mapped in this process."""
-    return segment.address or None
-
-
 # The link whose call this thread is serving, and whether that call's results are on their
 # way home over it (set by fastlink's server and the worker's executor).
 _serving = threading.local()

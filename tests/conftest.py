@@ -69,6 +69,20 @@ def cuda_available() -> bool:
 requires_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy; none here")
 
 
+class StandInCudaDevice:
+    """``cupy.cuda.Device`` for tests that put a stand-in ``cupy`` in place (no GPU here):
+    a context manager that does nothing."""
+
+    def __init__(self, index):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def mandelbrot_reference(width, height, x0, x1, y0, y1, max_iter):
     """The library's mandelbrot kernel, in NumPy with the same float32 arithmetic."""
     import numpy as np

@@ -10,7 +10,7 @@ import pytest
 from IPython.utils.capture import capture_output
 
 import kaas_magic
-from conftest import mandelbrot_reference
+from conftest import StandInCudaDevice, mandelbrot_reference
 from kaas_magic.kernelspec import KernelArgumentError, KernelCompileError, KernelError, load_library
 
 rng = np.random.default_rng(7)
@@ -227,19 +227,9 @@ def _fake_cupy(monkeypatch, missing: bool):
             if missing:
                 raise CUDADriverError("CUDA_ERROR_NOT_FOUND: named symbol not found")
 
-    class Device:
-        def __init__(self, index):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
     cupy = types.ModuleType("cupy")
     cupy.RawKernel = RawKernel
-    cupy.cuda = types.SimpleNamespace(Device=Device, compiler=types.SimpleNamespace(CompileException=CompileException),
+    cupy.cuda = types.SimpleNamespace(Device=StandInCudaDevice, compiler=types.SimpleNamespace(CompileException=CompileException),
                                       driver=types.SimpleNamespace(CUDADriverError=CUDADriverError))
     monkeypatch.setitem(sys.modules, "cupy", cupy)
 

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import StandInCudaDevice
 from kaas_magic import fastlink, serial, shared_frames
 from kaas_magic.client import Pool
 from kaas_magic.errors import KaasError
@@ -385,6 +386,24 @@ def test_a_pool_call_moves_large_arrays_through_shared_memory(spool):
     assert sent >= 1 and received >= 1
 
 
+def _kill_notebook_midway(pid: int, before: tuple[int, int], shm_before: set[str], delay: float, script: str,
+                          argument: str) -> None:
+    """Run ``script`` (a notebook on a raw link, printing "warm" once its transfers go
+    through shared memory), kill -9 it ``delay`` s later, and wait until worker ``pid``
+    holds no more segments than ``before``, with nothing new in /dev/shm either."""
+    notebook = subprocess.Popen([sys.executable, "-c", script, argument], stdout=subprocess.PIPE, text=True)
+    try:
+        assert notebook.stdout.readline().strip() == "warm"
+        assert memfds(pid)[1] > before[1]  # the transfers use shared memory
+        time.sleep(delay)
+        notebook.send_signal(signal.SIGKILL)
+        notebook.wait()
+    finally:
+        notebook.kill()
+    _eventually(lambda: memfds(pid) == before, 20, f"the worker still holds segments: {memfds(pid)}, before {before}")
+    assert dev_shm() == shm_before
+
+
 _NOTEBOOK = textwrap.dedent("""
     import json, sys, time
     import numpy as np
@@ -411,18 +430,7 @@ def test_killing_the_notebook_mid_transfer_leaves_nothing_on_the_worker(spool, d
     request = {"code": "y = x", "filename": "<t>", "line_offset": 0, "outputs_explicit": True, "kernels": [],
                "service": service.resource, "outputs": ["y"], "client": "doomed", "timeout": None, "keep": False,
                "progress": False, "free": []}
-    notebook = subprocess.Popen([sys.executable, "-c", _NOTEBOOK, json.dumps([spool._endpoint(worker), request])],
-                                stdout=subprocess.PIPE, text=True)
-    try:
-        assert notebook.stdout.readline().strip() == "warm"
-        assert memfds(pid)[1] > before[1]  # the transfers use shared memory
-        time.sleep(delay)
-        notebook.send_signal(signal.SIGKILL)
-        notebook.wait()
-    finally:
-        notebook.kill()
-    _eventually(lambda: memfds(pid) == before, 20, f"the worker still holds segments: {memfds(pid)}, before {before}")
-    assert dev_shm() == shm_before
+    _kill_notebook_midway(pid, before, shm_before, delay, _NOTEBOOK, json.dumps([spool._endpoint(worker), request]))
     assert spool.run("z = 1", "cpu", stdout=None)["z"] == 1  # and it goes on
 
 
@@ -465,17 +473,7 @@ def test_killing_the_notebook_mid_kernel_chain_leaves_nothing_on_the_worker(spoo
     before, shm_before = memfds(pid), dev_shm()
     worker = spool.routes()[0].address
     argument = base64.b64encode(pickle.dumps([spool._endpoint(worker), request])).decode()
-    notebook = subprocess.Popen([sys.executable, "-c", _KERNEL_NOTEBOOK, argument], stdout=subprocess.PIPE, text=True)
-    try:
-        assert notebook.stdout.readline().strip() == "warm"
-        assert memfds(pid)[1] > before[1]  # the transfers use shared memory
-        time.sleep(delay)
-        notebook.send_signal(signal.SIGKILL)
-        notebook.wait()
-    finally:
-        notebook.kill()
-    _eventually(lambda: memfds(pid) == before, 20, f"the worker still holds segments: {memfds(pid)}, before {before}")
-    assert dev_shm() == shm_before
+    _kill_notebook_midway(pid, before, shm_before, delay, _KERNEL_NOTEBOOK, argument)
     np.testing.assert_array_equal(spool.call("vector_add", a, a, target="fpga", fallback=True), 2 * a)
 
 
@@ -602,20 +600,10 @@ def test_gpu_results_are_copied_from_the_device_straight_into_a_borrowed_segment
             np.copyto(out, self._data)
             return out
 
-    class Device:
-        def __init__(self, index):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
     cupy = types.ModuleType("cupy")
     cupy.ndarray = FakeDeviceArray
     cupy.asnumpy = lambda v: v._data.copy()
-    cupy.cuda = types.SimpleNamespace(Device=Device)
+    cupy.cuda = types.SimpleNamespace(Device=StandInCudaDevice)
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     session = CupySession.__new__(CupySession)  # only its downloads are used
     session.synchronize = lambda values: None

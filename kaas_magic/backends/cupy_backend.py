@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 from ..compile_cache import DiskCache
 from ..targets import Service
-from .base import Backend, Offer, Session, map_containers, try_convert
+from .base import Backend, Offer, Session, map_containers
 
 
 def _pin_if_shared(value: Any, device: int) -> Any:
@@ -30,7 +30,7 @@ def _pin_if_shared(value: Any, device: int) -> Any:
         return value
     import cupy
 
-    address = shared_frames.segment_address(segment)
+    address = segment.address
     try:
         with cupy.cuda.Device(device):
             cupy.cuda.runtime.hostRegister(address, segment.size, 0)
@@ -201,15 +201,11 @@ class CupySession(Session):
             free, total = cupy.cuda.runtime.memGetInfo()
         return total - free, total
 
-    def download(self, values: list[Any]) -> list[Any]:
-        self.synchronize(values)
-        return [try_convert(self._home, v) for v in values]
-
-    def _home(self, value: Any) -> Any:
-        """``to_host``, except that a large contiguous result of a kernel call going home is
-        copied from the GPU straight into a borrowed shared-memory segment of the caller's
-        link (see shared_frames.borrow_for_result; pinned from the segment's second use),
-        which then goes home without another copy."""
+    def to_host(self, value: Any) -> Any:
+        """Host copies of CuPy arrays. In a kernel call whose results go home, a large
+        contiguous one is copied from the GPU straight into a borrowed shared-memory segment
+        of the caller's link (see shared_frames.borrow_for_result; pinned from the segment's
+        second use), which then goes home without another copy."""
         import cupy
 
         from .. import shared_frames
@@ -217,26 +213,17 @@ class CupySession(Session):
         def convert(v: Any) -> Any:
             if not isinstance(v, cupy.ndarray):
                 return v
-            if v.flags.c_contiguous and v.nbytes:
-                host = shared_frames.borrow_for_result(v.nbytes)
-                if host is not None:
-                    out = host.view(v.dtype).reshape(v.shape)
-                    _pin_if_shared(out, self.index)
-                    try:
-                        with cupy.cuda.Device(self.index):
-                            v.get(out=out)
-                        return out
-                    except (TypeError, ValueError):  # a CuPy without get(out=): the copy below
-                        pass
+            host = shared_frames.borrow_for_result(v.nbytes) if v.flags.c_contiguous else None
+            if host is not None:
+                out = host.view(v.dtype).reshape(v.shape)
+                _pin_if_shared(out, self.index)
+                try:
+                    with cupy.cuda.Device(self.index):
+                        v.get(out=out)
+                    return out
+                except (TypeError, ValueError):  # a CuPy without get(out=): the copy below
+                    pass
             return cupy.asnumpy(v)
-
-        return map_containers(value, convert)
-
-    def to_host(self, value: Any) -> Any:
-        import cupy
-
-        def convert(v: Any) -> Any:
-            return cupy.asnumpy(v) if isinstance(v, cupy.ndarray) else v
 
         return map_containers(value, convert)
 

@@ -18,6 +18,7 @@ class KernelNamespace:
         self._worker = worker  # the Dask worker, named in errors
         self._user = {d["name"]: library.user_spec(d) for d in user_specs}
         self.states: dict[str, str] = {}
+        self._chosen: dict[str, tuple] = {}  # name -> (spec, session), for this call
 
     def _spec(self, name: str):
         if name in self._user:
@@ -29,6 +30,13 @@ class KernelNamespace:
         return specs
 
     def _session_for(self, name: str):
+        """(spec, session) kernel ``name`` runs with in this call, chosen once."""
+        chosen = self._chosen.get(name)
+        if chosen is None:
+            chosen = self._chosen[name] = self._choose(name)
+        return chosen
+
+    def _choose(self, name: str):
         specs = self._spec(name)
         current = self._session.offer.service.backend
         for spec in sorted(specs, key=lambda s: s.backend != current):
